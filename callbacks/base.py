@@ -1,0 +1,62 @@
+"""``FederatedCallback``: a Lightning callback with the hooks of a communication round (DESIGN §2.2).
+
+The :class:`~fl_lightning.FederatedLightningModule` calls these hooks, in this order, on every callback
+that derives from this class (in the order the callbacks are given):
+
+local step (every ``training_step``)
+    ``on_round_start``          the first local step of a round (e.g. pick the cohort)
+    ``transform_params``        the parameters the forward/gradient uses (e.g. TopK through an STE)
+    Lightning's ``on_before_optimizer_step``   (e.g. shift the gradient by −h_i)
+    ``on_local_step_end``       after the SGD step, before the coin (e.g. TopK "step 7", a prox)
+
+communication round (when the schedule's coin says so), see :class:`~fl_lightning.round.Round`
+    ``on_uplink``               form u_i (e.g. x̂_i − (γ/p) h_i)
+    ``on_compress_uplink``      compress u_i (what goes on the wire)
+    ``on_aggregate``            the server model x⁺ from x̄ (e.g. TopK at the server)
+    ``on_broadcast``            compress the downlink b
+    ``on_receive``              client side: update h_i; what clients keep of b (e.g. TopK "step 9")
+    ``on_round_end``            after x_i and the global model were written (logging)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lightning.pytorch import Callback, Trainer
+
+from fl_lightning.round import Round, Tensors
+
+if TYPE_CHECKING:
+    from fl_lightning.module import FederatedLightningModule
+
+
+class FederatedCallback(Callback):
+    """Base class for callbacks that take part in the federated algorithm. Every hook is a no-op."""
+
+    def on_round_start(self, trainer: Trainer, module: FederatedLightningModule, round_index: int) -> None:
+        """Called before the first local step of round ``round_index``."""
+
+    def transform_params(self, trainer: Trainer, module: FederatedLightningModule, params: Tensors) -> Tensors:
+        """Return the parameters the forward pass and the gradient use, given the stacked x_i ([c, ...])."""
+        return params
+
+    def on_local_step_end(self, trainer: Trainer, module: FederatedLightningModule) -> None:
+        """After the optimizer step of every local step, before the schedule decides on communication."""
+
+    def on_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        """Form the uplink message ``rnd.uplink`` from ``rnd.local``."""
+
+    def on_compress_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        """Compress ``rnd.uplink`` (and set ``rnd.uplink_bits`` if the encoding is not sparse/dense)."""
+
+    def on_aggregate(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        """Produce the server model ``rnd.server`` from ``rnd.mean``."""
+
+    def on_broadcast(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        """Compress the downlink ``rnd.broadcast``."""
+
+    def on_receive(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        """Client side: update client state from the round; set what clients keep (``rnd.received``)."""
+
+    def on_round_end(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        """After the clients' models and the global model were overwritten."""

@@ -1,0 +1,106 @@
+"""``ControlVariates``: the h_i of ProxSkip / Scaffnew (Mishchenko et al. 2022; DESIGN §1.2).
+
+local step      g_i ← g_i − h_i                          (so x̂_i = x_i − γ (g_i − h_i))
+uplink          u_i = x̂_i − (γ/p) h_i
+after the round h_i ← h_i + (p/γ) (r − x̂_i),  r = x̄ (``reference="mean"``) or r = b (``"broadcast"``)
+
+With r = x̄ = Σ_i w_i u_i and Σ_i w_i = 1: Σ_i w_i h_i⁺ = Σ_i w_i h_i + (p/γ)(x̄ − Σ_i w_i x̂_i) = 0 after
+every round ("zero-sum", the condition Sparse-ProxSkip keeps). With r = b = TopK(x̄) (naive server
+pruning) the sum becomes (p/γ)(TopK(x̄) − x̄) ≠ 0 (the failure the seed paper explains).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from fl_lightning.callbacks.base import FederatedCallback
+from fl_lightning.callbacks.sampling import ClientSampling
+from fl_lightning.round import Round
+
+if TYPE_CHECKING:
+    from fl_lightning.module import FederatedLightningModule
+
+Reference = Literal["mean", "broadcast"]
+
+
+class ControlVariates(FederatedCallback):
+    """Control variates h_i (zero at the start), stored on the module as client state ``cv_h``.
+
+    Args:
+        reference: r in the update of h_i: ``mean`` (x̄, zero-sum, the default) or ``broadcast`` (b, naive).
+        allow_partial_participation: control variates assume every client takes part in every round;
+            with :class:`ClientSampling` this raises unless set (then only the cohort's h_i change).
+    """
+
+    STATE = "cv_h"
+
+    def __init__(self, reference: Reference = "mean", allow_partial_participation: bool = False) -> None:
+        if reference not in ("mean", "broadcast"):
+            raise ValueError(f"ControlVariates reference must be 'mean' or 'broadcast', got {reference!r}")
+        self.reference = reference
+        self.allow_partial_participation = allow_partial_participation
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not self.allow_partial_participation and any(isinstance(cb, ClientSampling) for cb in trainer.callbacks):
+            raise ValueError(
+                "ControlVariates with ClientSampling: control variates assume full participation; "
+                "set ControlVariates(allow_partial_participation=True) to run it anyway"
+            )
+        pl_module.add_client_state(self.STATE)
+
+    def _p_over_gamma(self, module: FederatedLightningModule) -> float:
+        assert module.schedule is not None
+        return module.schedule.p / module.current_lr()
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        h = pl_module.clients.extra[self.STATE]
+        idx = pl_module.active_clients
+        for k, x in pl_module.clients.x.items():
+            if x.grad is None:
+                continue
+            if idx is None:
+                x.grad.sub_(h[k])
+            else:
+                x.grad.index_add_(0, idx, h[k][idx], alpha=-1.0)
+
+    @override
+    def on_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        h = module.clients.extra[self.STATE]
+        scale = 1.0 / self._p_over_gamma(module)
+        for k in rnd.uplink:
+            hk = h[k] if rnd.clients is None else h[k][rnd.clients]
+            rnd.uplink[k] = rnd.uplink[k] - scale * hk
+
+    @override
+    def on_receive(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        h = module.clients.extra[self.STATE]
+        ref = rnd.mean if self.reference == "mean" else rnd.broadcast
+        scale = self._p_over_gamma(module)
+        for k, hk in h.items():
+            delta = scale * (ref[k].unsqueeze(0) - rnd.local[k])
+            if rnd.clients is None:
+                hk.add_(delta)
+            else:
+                hk.index_add_(0, rnd.clients, delta)
+
+    @override
+    def on_round_end(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        module.round_metrics["cv/sum_norm"] = self.weighted_sum_norm(module)
+
+    def weighted_sum_norm(self, module: FederatedLightningModule) -> torch.Tensor:
+        """‖Σ_i w_i h_i‖ over all clients (zero with the ``mean`` reference)."""
+        h = module.clients.extra[self.STATE]
+        w = module.client_weights
+        sq = sum((torch.tensordot(w.to(v.dtype), v, dims=1) ** 2).sum() for v in h.values())
+        return torch.as_tensor(sq).sqrt()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference}

@@ -1,0 +1,101 @@
+"""``SkipSchedule``: when a local step ends with communication — the coin θ_t of ProxSkip (DESIGN §1.2)."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Literal
+
+from lightning.pytorch import LightningModule, Trainer
+from typing_extensions import override
+
+from fl_lightning.callbacks.base import FederatedCallback
+from fl_lightning.seeding import derive_seed
+
+ScheduleMode = Literal["bernoulli", "fixed", "geometric"]
+MODES: tuple[str, ...] = ("bernoulli", "fixed", "geometric")
+
+
+class SkipSchedule(FederatedCallback):
+    """Communicate with probability ``p`` after each local step.
+
+    Modes (all with expected round length 1/p):
+
+    - ``bernoulli``: θ_t ~ Bernoulli(p) after every step, as in ProxSkip (Mishchenko et al. 2022, Alg. 1).
+    - ``fixed``: exactly k local steps per round, k = ``k`` or round(1/p); the control variates then use
+      p = 1/k. This is FedAvg's schedule and the seed paper's.
+    - ``geometric``: the round length is drawn at the round's start from Geometric(p); the same law as
+      ``bernoulli`` but the length is known in advance.
+
+    The coin comes from a dedicated ``random.Random`` seeded with ``seed`` (default: derived from
+    torch's initial seed at setup), never from the global RNG; it is shared by all clients and ranks,
+    and its state is saved in the checkpoint.
+    """
+
+    def __init__(self, p: float | None = None, mode: ScheduleMode = "bernoulli", k: int | None = None,
+                 seed: int | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"SkipSchedule mode must be one of {MODES}, got {mode!r}")
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"SkipSchedule k (local steps per round) must be an integer >= 1, got {k!r}")
+            if p is not None and not math.isclose(p, 1.0 / k):
+                raise ValueError(f"SkipSchedule: give p or k, not both (p={p}, k={k})")
+            if mode == "bernoulli":
+                mode = "fixed"
+            p = 1.0 / k
+        if p is None:
+            raise ValueError("SkipSchedule needs p (communication probability in (0, 1]) or k (steps per round)")
+        if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
+            raise ValueError(f"SkipSchedule p (communication probability) must lie in (0, 1], got {p!r}")
+        self.mode: str = mode
+        self.k: int = k if k is not None else max(1, round(1.0 / p))
+        self._p = float(p)
+        self.seed = seed
+        self._rng = random.Random(seed)
+        self._steps_in_round = 0
+        self._round_length: int | None = None
+
+    @property
+    def p(self) -> float:
+        """The communication probability the control variates use (1/k in ``fixed`` mode)."""
+        return 1.0 / self.k if self.mode == "fixed" else self._p
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.seed is None:
+            self.seed = derive_seed("schedule")
+            self._rng.seed(self.seed)
+
+    def _geometric(self) -> int:
+        if self._p >= 1.0:
+            return 1
+        u = 1.0 - self._rng.random()  # in (0, 1]
+        return 1 + math.floor(math.log(u) / math.log1p(-self._p))
+
+    def step(self) -> bool:
+        """Advance one local step; True when this step ends with a communication round."""
+        self._steps_in_round += 1
+        if self.mode == "bernoulli":
+            communicate = self._rng.random() < self._p
+        else:
+            if self._round_length is None:
+                self._round_length = self.k if self.mode == "fixed" else self._geometric()
+            communicate = self._steps_in_round >= self._round_length
+        if communicate:
+            self._steps_in_round = 0
+            self._round_length = None
+        return communicate
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "rng": self._rng.getstate(), "steps_in_round": self._steps_in_round,
+                "round_length": self._round_length}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = state_dict["seed"]
+        version, internal, gauss = state_dict["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._steps_in_round = state_dict["steps_in_round"]
+        self._round_length = state_dict["round_length"]

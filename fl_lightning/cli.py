@@ -1,0 +1,58 @@
+"""The command line: ``python train.py fit --config configs/quickstart.yaml`` (LightningCLI, DESIGN §3).
+
+Model, data, trainer and callbacks all come from YAML (omegaconf mode, so configs can interpolate, e.g.
+``${data.num_clients}``); any value can be overridden on the command line (``--model.lr 0.05``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from fl_lightning.data.datamodule import FederatedDataModule
+from fl_lightning.module import FederatedLightningModule
+
+# Lightning's advice about DataLoader workers and batch-size inference does not apply: the data are
+# in-memory tensors sampled on the module's device.
+_IRRELEVANT_WARNINGS = (
+    ".*does not have many workers.*",
+    ".*Trying to infer the `batch_size`.*",
+    ".*isinstance\\(treespec, LeafSpec\\).*",
+)
+
+
+def quiet_irrelevant_warnings() -> None:
+    for message in _IRRELEVANT_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+class FederatedCLI(LightningCLI):
+    """LightningCLI for :class:`FederatedLightningModule` and :class:`FederatedDataModule`, with a
+    CSVLogger under ``logs/`` by default."""
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        quiet_irrelevant_warnings()
+        trainer_defaults = {
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
+        }
+        trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
+        super().__init__(
+            FederatedLightningModule,
+            FederatedDataModule,
+            args=args,
+            run=run,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults=trainer_defaults,
+            **kwargs,
+        )
+
+
+def main(args: Any = None) -> FederatedCLI:
+    return FederatedCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

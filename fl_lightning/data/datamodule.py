@@ -1,0 +1,302 @@
+"""``FederatedDataModule``: in-memory tensors split into clients, sampled on the module's device (DESIGN §2.3).
+
+Every local step draws, for every client i, a minibatch of ``batch_size`` samples uniformly with
+replacement from D_i (or all of D_i when ``batch_size`` is None: deterministic gradient descent). The
+draw for step t uses a generator seeded from (seed, t) only, so it is the same whatever clients run on
+which device or rank, and a resumed run draws exactly what the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+
+from fl_lightning.data.datasets import DatasetSplits, load_dataset
+from fl_lightning.objective import ClientBatch
+from fl_lightning.seeding import derive_seed
+
+ClientWeighting = Literal["uniform", "num_samples"]
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates the per-step seeds
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A 63-bit seed for step ``step`` of a run seeded ``seed``."""
+    return (seed * _MIX + (step + 1) * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+
+
+class _StepTokens:
+    """The 'dataloader' Lightning iterates: one token per local step (the data itself is sampled by the
+    module on its device, see :meth:`FederatedDataModule.sample`)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.steps))
+
+
+class _TensorBatches:
+    """Consecutive (x, y) slices of a held-out split."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for start in range(0, len(self.x), self.batch_size):
+            yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
+
+
+class FederatedDataModule(LightningDataModule):
+    """A dataset split into ``num_clients`` clients.
+
+    Args:
+        dataset: a registered dataset name (``digits`` is embedded; see ``fl_lightning.data.datasets``).
+        num_clients: n.
+        partition: a registered partitioner: ``iid``, ``dirichlet``, ``shard``, ``pathological``, ``natural``.
+        partition_args: its options, e.g. ``{alpha: 0.5, min_partition_size: 10}`` for ``dirichlet``.
+        batch_size: samples per client per local step; None = the whole local dataset (full gradient).
+        client_weighting: w_i = 1/n (``uniform``, the theory's default) or w_i ∝ |D_i| (``num_samples``).
+        steps_per_epoch: local steps per Lightning epoch (default: one pass over an average client's
+            data, or 1 with full batches).
+        eval_batch_size: batch size of the held-out split.
+        data_dir: where datasets are read from (and downloaded to).
+        dataset_args: options of the dataset loader.
+        augment: a registered augmentation (``crop_flip``) applied on the device to each sampled batch.
+        seed: seeds the partition and the sampling; default derived from torch's initial seed at setup.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        num_clients: int = 10,
+        partition: str = "dirichlet",
+        partition_args: dict[str, Any] | None = None,
+        batch_size: int | None = 32,
+        client_weighting: ClientWeighting = "uniform",
+        steps_per_epoch: int | None = None,
+        eval_batch_size: int = 1024,
+        data_dir: str | Path = "data",
+        dataset_args: dict[str, Any] | None = None,
+        augment: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (or null for the full local dataset), got {batch_size}")
+        if client_weighting not in ("uniform", "num_samples"):
+            raise ValueError(f"client_weighting must be 'uniform' or 'num_samples', got {client_weighting!r}")
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        if eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        self.dataset = dataset
+        self._num_clients = num_clients
+        self.partition = partition
+        self.partition_args = dict(partition_args or {})
+        self.batch_size = batch_size
+        self.client_weighting = client_weighting
+        self._steps_per_epoch = steps_per_epoch
+        self.eval_batch_size = eval_batch_size
+        self.data_dir = Path(data_dir)
+        self.dataset_args = dict(dataset_args or {})
+        self.augment = augment
+        self.seed = seed
+        self.data: DatasetSplits | None = None
+        self.client_indices: list[np.ndarray] | None = None
+        self._device_cache: dict[Any, tuple[Tensor, ...]] = {}
+        if augment is not None:
+            from fl_lightning.data.augment import get_augmentation
+
+            get_augmentation(augment)  # fail now on an unknown name
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_client_tensors(
+        cls,
+        clients: Sequence[tuple[Tensor, Tensor]],
+        test: tuple[Tensor, Tensor] | None = None,
+        batch_size: int | None = 32,
+        num_classes: int | None = None,
+        **kwargs: Any,
+    ) -> FederatedDataModule:
+        """Data a user has already split: ``clients=[(x_1, y_1), ...]``; ``test=(x, y)`` for validation.
+
+        ``num_classes`` defaults to max label + 1 for integer targets (None for float targets).
+        """
+        if len(clients) == 0:
+            raise ValueError("from_client_tensors needs at least one client")
+        for i, (x, y) in enumerate(clients):
+            if len(x) == 0:
+                raise ValueError(f"client {i} has no samples")
+            if len(x) != len(y):
+                raise ValueError(f"client {i}: {len(x)} inputs but {len(y)} targets")
+        xs = torch.cat([torch.as_tensor(x) for x, _ in clients])
+        ys = torch.cat([torch.as_tensor(y) for _, y in clients])
+        if num_classes is None and not ys.is_floating_point():
+            num_classes = int(ys.max()) + 1
+        tx, ty = test if test is not None else (xs[:0], ys[:0])
+        dm = cls(num_clients=len(clients), batch_size=batch_size, **kwargs)
+        dm.data = DatasetSplits("custom", xs, ys, torch.as_tensor(tx), torch.as_tensor(ty), num_classes)
+        sizes = np.cumsum([0] + [len(x) for x, _ in clients])
+        dm.client_indices = [np.arange(sizes[i], sizes[i + 1]) for i in range(len(clients))]
+        return dm
+
+    def prepare_data(self) -> None:
+        if self.data is None:  # downloads happen here, once per node
+            load_dataset(self.dataset, self.data_dir, **self.dataset_args)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.seed is None:
+            self.seed = derive_seed("data") % (2**31)
+        if self.data is None:
+            self.data = load_dataset(self.dataset, self.data_dir, **self.dataset_args)
+        if self.client_indices is None:
+            from fl_lightning.data.partition import partition
+
+            labels = self.data.train_y.numpy() if self.data.num_classes is not None else None
+            if labels is None:
+                labels = np.zeros(len(self.data.train_y), dtype=np.int64)
+            self.client_indices = partition(
+                self.partition, labels, self._num_clients, seed=self.seed,
+                groups=self.data.train_groups, **self.partition_args,
+            )
+        self._validate_clients()
+
+    def _validate_clients(self) -> None:
+        assert self.client_indices is not None
+        if len(self.client_indices) != self._num_clients:
+            raise ValueError(f"partition produced {len(self.client_indices)} clients, expected {self._num_clients}")
+        empty = [i for i, idx in enumerate(self.client_indices) if len(idx) == 0]
+        if empty:
+            raise ValueError(f"clients {empty[:10]} received no samples; use fewer clients or another partition")
+
+    def _require(self) -> tuple[DatasetSplits, list[np.ndarray]]:
+        if self.data is None or self.client_indices is None:
+            self.setup()
+        assert self.data is not None and self.client_indices is not None
+        return self.data, self.client_indices
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_clients(self) -> int:
+        return self._num_clients
+
+    @property
+    def num_classes(self) -> int | None:
+        return self._require()[0].num_classes
+
+    @property
+    def client_sizes(self) -> np.ndarray:
+        return np.array([len(idx) for idx in self._require()[1]])
+
+    @property
+    def client_weights(self) -> Tensor:
+        """w_i, summing to 1 (DESIGN §1.1)."""
+        sizes = torch.as_tensor(self.client_sizes, dtype=torch.float64)
+        w = torch.ones_like(sizes) if self.client_weighting == "uniform" else sizes
+        return (w / w.sum()).float()
+
+    @property
+    def padded(self) -> bool:
+        """Whether full-batch steps pad clients of unequal sizes."""
+        return self.batch_size is None and len(set(self.client_sizes.tolist())) > 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self._steps_per_epoch is not None:
+            return self._steps_per_epoch
+        if self.batch_size is None:
+            return 1
+        return max(1, math.ceil(float(self.client_sizes.mean()) / self.batch_size))
+
+    # ------------------------------------------------------------------ sampling
+    def _on(self, device: torch.device) -> tuple[Tensor, ...]:
+        key = str(device)
+        if key not in self._device_cache:
+            data, indices = self._require()
+            counts = torch.tensor([len(i) for i in indices], dtype=torch.long)
+            table = torch.zeros(len(indices), int(counts.max()), dtype=torch.long)
+            for row, idx in enumerate(indices):
+                table[row, : len(idx)] = torch.as_tensor(idx, dtype=torch.long)
+            self._device_cache[key] = tuple(t.to(device) for t in (data.train_x, data.train_y, table, counts))
+        return self._device_cache[key]
+
+    def sample(self, step: int, clients: Tensor | None, device: torch.device,
+               dtype: torch.dtype = torch.float32) -> ClientBatch:
+        """The batch of local step ``step`` for ``clients`` (None = all), stacked: [c, B, ...]."""
+        x_all, y_all, table, counts = self._on(device)
+        rows = table if clients is None else table[clients]
+        cnt = counts if clients is None else counts[clients]
+        mask = None
+        if self.batch_size is None:
+            idx = rows
+            if self.padded:
+                mask = torch.arange(rows.shape[1], device=device).unsqueeze(0) < cnt.unsqueeze(1)
+        else:
+            assert self.seed is not None
+            gen = torch.Generator(device=device)
+            gen.manual_seed(step_seed(self.seed, step))
+            u = torch.rand(self._num_clients, self.batch_size, generator=gen, device=device)
+            if clients is not None:
+                u = u[clients]
+            pos = torch.minimum((u * cnt.unsqueeze(1)).long(), (cnt - 1).unsqueeze(1))
+            idx = rows.gather(1, pos)
+        x, y = x_all[idx], y_all[idx]
+        if x.is_floating_point():
+            x = x.to(dtype)
+        if y.is_floating_point():
+            y = y.to(dtype)
+        if self.augment is not None:
+            from fl_lightning.data.augment import get_augmentation
+
+            assert self.seed is not None
+            gen = torch.Generator(device=device)
+            gen.manual_seed(step_seed(self.seed + 1, step))
+            x = get_augmentation(self.augment)(x, generator=gen)
+        return ClientBatch(x, y, mask)
+
+    def eval_batches(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        """The held-out split in batches, on ``device``."""
+        data, _ = self._require()
+        key = f"eval:{device}"
+        if key not in self._device_cache:
+            self._device_cache[key] = (data.test_x.to(device), data.test_y.to(device))
+        x, y = self._device_cache[key]
+        return iter(_TensorBatches(x, y, self.eval_batch_size))
+
+    # ------------------------------------------------------------------ Lightning loaders
+    def train_dataloader(self) -> _StepTokens:
+        return _StepTokens(self.steps_per_epoch)
+
+    def val_dataloader(self) -> _TensorBatches:
+        data, _ = self._require()
+        return _TensorBatches(data.test_x, data.test_y, self.eval_batch_size)
+
+    def test_dataloader(self) -> _TensorBatches:
+        return self.val_dataloader()
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        _, indices = self._require()
+        return {"seed": self.seed, "client_indices": [torch.as_tensor(i) for i in indices]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = state_dict["seed"]
+        self.client_indices = [t.numpy() for t in state_dict["client_indices"]]
+        self._device_cache.clear()
+        self._validate_clients()

@@ -1,0 +1,428 @@
+"""``FederatedLightningModule``: n virtual clients inside one LightningModule (DESIGN §2.1).
+
+One ``training_step`` is one local step of every participating client (DESIGN §1.2, the lines up to
+θ_t); when the :class:`~fl_lightning.callbacks.SkipSchedule` coin comes up, the same step ends with a
+communication round whose stages call the hooks of :class:`~fl_lightning.callbacks.FederatedCallback`.
+Without callbacks that change them, the round is FedAvg's: x_i ← Σ_j w_j x̂_j.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from fl_lightning.callbacks.base import FederatedCallback
+from fl_lightning.callbacks.schedule import SkipSchedule
+from fl_lightning.clients import ClientState, TensorGroup
+from fl_lightning.comm import ENCODINGS, CommCounter, Encoding, count_nonzero, message_bits
+from fl_lightning.losses import LossCallable, resolve_loss
+from fl_lightning.objective import ClientBatch, LocalObjective
+from fl_lightning.round import Round, Tensors
+
+if TYPE_CHECKING:
+    from fl_lightning.algorithms import Algorithm
+    from fl_lightning.data.datamodule import FederatedDataModule
+
+Vectorize = bool | Literal["auto"]
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+class FederatedLightningModule(LightningModule):
+    """Simulates the clients of a federated algorithm, vectorised over a leading client dimension.
+
+    Args:
+        client_model: the model every client trains: an ``nn.Module`` (then give ``loss``) or a
+            LightningModule whose ``training_step(batch, batch_idx)`` returns the loss (used unchanged;
+            its ``self.log`` values are collected and logged as ``train/<name>``, averaged over clients).
+        lr: the local step size γ (plain SGD).
+        loss: ``"cross_entropy"``, ``"mse"`` or a callable ``(output, target) -> scalar``.
+        vectorize: ``True`` runs all clients in one ``torch.func.vmap`` call, ``False`` loops over clients,
+            ``"auto"`` vectorises when the model allows it (no BatchNorm running statistics, no custom loss
+            on padded full batches) and falls back to the loop otherwise.
+        clients_per_chunk: at most this many clients per forward/backward (bounds activation memory).
+        algorithm: an :class:`~fl_lightning.algorithms.Algorithm` preset whose callbacks are added to the
+            Trainer's (``configure_callbacks``). Callbacks can also be given to the Trainer directly.
+        momentum, weight_decay: of the local SGD steps (momentum is per client; it interacts with the
+            control variates, so the theory's default is 0).
+        encoding: how message bits are counted: ``auto`` (the smallest), ``dense``, ``coo``, ``bitmask``.
+        eval_every: also evaluate the global model on the held-out split after every ``eval_every``
+            rounds (logged at that step); the usual Lightning validation loop runs as configured.
+        num_clients: allocate client state now rather than from the datamodule at ``setup``.
+    """
+
+    def __init__(
+        self,
+        client_model: nn.Module,
+        lr: float = 0.1,
+        loss: str | LossCallable | None = None,
+        vectorize: Vectorize = "auto",
+        clients_per_chunk: int | None = None,
+        algorithm: Algorithm | None = None,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        encoding: Encoding = "auto",
+        eval_every: int | None = None,
+        num_clients: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(client_model, nn.Module):
+            raise TypeError(f"client_model must be an nn.Module, got {type(client_model).__name__}")
+        _check_positive("lr", lr)
+        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        if vectorize not in (True, False, "auto"):
+            raise ValueError(f"vectorize must be true, false or 'auto', got {vectorize!r}")
+        if clients_per_chunk is not None and clients_per_chunk < 1:
+            raise ValueError(f"clients_per_chunk must be >= 1 (or null for all), got {clients_per_chunk!r}")
+        if eval_every is not None and eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 rounds (or null), got {eval_every!r}")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        self.save_hyperparameters(ignore=["client_model", "loss", "algorithm"])
+        self.hparams["loss"] = loss if isinstance(loss, str) or loss is None else getattr(loss, "__name__", "custom")
+        self.hparams["algorithm"] = None if algorithm is None else algorithm.describe()
+        self.automatic_optimization = False
+
+        self.lr = float(lr)
+        self.vectorize = vectorize
+        self.clients_per_chunk = clients_per_chunk
+        self.algorithm = algorithm
+        self.encoding: Encoding = encoding
+        self.eval_every = eval_every
+
+        self.global_model = copy.deepcopy(client_model)
+        self.global_model.requires_grad_(False)
+        self.loss_fn = resolve_loss(loss)
+        self.objective = LocalObjective(self.global_model, self.loss_fn)
+        self.clients: ClientState | None = None
+        self.comm = CommCounter()
+        self.val_loss = MeanMetric()
+        self.val_acc = MeanMetric()
+        self.register_buffer("client_weights", torch.empty(0), persistent=False)
+
+        self.round_index = 0
+        self.active_clients: Tensor | None = None
+        self._active_list: list[int] | None = None
+        self._round_open = False
+        self._vectorized: bool | None = None
+        self.round_metrics: dict[str, Tensor] = {}
+        self.federated_callbacks: list[FederatedCallback] = []
+        self.schedule: SkipSchedule | None = None
+        if num_clients is not None:
+            self._init_clients(num_clients)
+
+    # ------------------------------------------------------------------ set-up
+    def _init_clients(self, n: int) -> None:
+        self.clients = ClientState(self.global_model, n)
+        self.client_weights = torch.full((n,), 1.0 / n)
+
+    def _datamodule(self) -> FederatedDataModule:
+        from fl_lightning.data.datamodule import FederatedDataModule
+
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if not isinstance(dm, FederatedDataModule):
+            raise TypeError(
+                "FederatedLightningModule needs a FederatedDataModule: trainer.fit(model, datamodule=...) "
+                f"(got {type(dm).__name__})"
+            )
+        return dm
+
+    def ensure_clients(self) -> ClientState:
+        """The stacked client state, allocated from the datamodule's number of clients on first use."""
+        if self.clients is None:
+            self._init_clients(self._datamodule().num_clients)
+        assert self.clients is not None
+        return self.clients
+
+    def add_client_state(self, name: str, *, dtype: torch.dtype | None = None, fill: float = 0.0) -> TensorGroup:
+        """Per-client state shaped like the model (control variates, masks), saved in checkpoints."""
+        return self.ensure_clients().add(name, dtype=dtype, fill=fill)
+
+    def configure_callbacks(self) -> list[Any]:
+        return [] if self.algorithm is None else self.algorithm.callbacks()
+
+    def setup(self, stage: str) -> None:
+        dm = self._datamodule()
+        clients = self.ensure_clients()
+        if clients.num_clients != dm.num_clients:
+            raise ValueError(
+                f"the module holds {clients.num_clients} clients but the datamodule has {dm.num_clients}"
+            )
+        self.client_weights = dm.client_weights.to(self.client_weights.device)
+        callbacks = self.trainer.callbacks
+        self.federated_callbacks = [cb for cb in callbacks if isinstance(cb, FederatedCallback)]
+        schedules = [cb for cb in callbacks if isinstance(cb, SkipSchedule)]
+        if len(schedules) > 1:
+            raise ValueError(f"got {len(schedules)} SkipSchedule callbacks; keep exactly one")
+        self.schedule = schedules[0] if schedules else None
+        others = [type(cb).__name__ for cb in self.federated_callbacks if not isinstance(cb, SkipSchedule)]
+        if self.schedule is None and others:
+            raise ValueError(f"{', '.join(others)} need a communication schedule: add a SkipSchedule callback")
+        if self.schedule is None and stage == "fit":
+            rank_zero_warn("no SkipSchedule callback: clients train independently and never communicate")
+        if self.loss_fn is not None and self.loss_fn.task == "classification" and dm.num_classes is None:
+            raise ValueError("loss='cross_entropy' needs a classification dataset (integer labels)")
+        self._vectorized = self._choose_path(dm)
+
+    def _choose_path(self, dm: FederatedDataModule) -> bool:
+        from fl_lightning.models.inspect import is_vmappable
+
+        if self.vectorize is False:
+            return False
+        ok, layer = is_vmappable(self.global_model)
+        reasons = [] if ok else [f"layer {layer} cannot run under vmap in training"]
+        if dm.padded and not self.objective.supports_padding:
+            reasons.append("full-batch steps on clients of unequal sizes need a built-in loss to be vectorised")
+        if not reasons:
+            return True
+        if self.vectorize is True:
+            raise ValueError(f"vectorize=True is impossible: {'; '.join(reasons)}. Use vectorize: auto or false")
+        rank_zero_warn(f"using the sequential client loop: {'; '.join(reasons)}")
+        return False
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        clients = self.ensure_clients()
+        return torch.optim.SGD(
+            clients.x.parameters(), lr=self.lr, momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+        )
+
+    def current_lr(self) -> float:
+        """γ of the current step (an LR scheduler may change it)."""
+        if self._trainer is not None and self.trainer.optimizers:
+            return float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return self.lr
+
+    @property
+    def num_clients(self) -> int:
+        return self.ensure_clients().num_clients
+
+    # ------------------------------------------------------------------ local step
+    def set_active_clients(self, clients: list[int] | None) -> None:
+        """Restrict the next local steps to these clients (a cohort); None = all clients."""
+        if clients is None:
+            self.active_clients, self._active_list = None, None
+            return
+        self._active_list = sorted(int(i) for i in clients)
+        self.active_clients = torch.tensor(self._active_list, device=self.device, dtype=torch.long)
+
+    def _client_slice(self, tensors: TensorGroup, start: int, end: int) -> Tensors:
+        if self.active_clients is None:
+            return {k: v[start:end] for k, v in tensors.items()}
+        idx = self.active_clients[start:end]
+        return {k: v[idx] for k, v in tensors.items()}
+
+    def _transformed(self, params: Tensors) -> Tensors:
+        for cb in self.federated_callbacks:
+            params = cb.transform_params(self.trainer, self, params)
+        return params
+
+    def _chunks(self, c: int) -> Iterator[tuple[int, int]]:
+        size = self.clients_per_chunk or c
+        for start in range(0, c, size):
+            yield start, min(c, start + size)
+
+    def _vectorized_backward(self, batch: ClientBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        clients = self.ensure_clients()
+        losses, logs = [], []
+        for s, e in self._chunks(len(batch)):
+            params = self._transformed(self._client_slice(clients.x, s, e))
+            buffers = self._client_slice(clients.model_buffers, s, e)
+            sub = ClientBatch(batch.inputs[s:e], batch.targets[s:e], None if batch.mask is None else batch.mask[s:e])
+            loss, logged = self.objective.vectorized(params, buffers, sub)
+            self.manual_backward(loss.sum())
+            losses.append(loss.detach())
+            logs.append(logged)
+        return torch.cat(losses), {k: torch.cat([lg[k] for lg in logs]) for k in logs[0]}
+
+    def _sequential_backward(self, batch: ClientBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        clients = self.ensure_clients()
+        ids = self._active_list if self._active_list is not None else range(clients.num_clients)
+        losses, logs = [], []
+        for j, cid in enumerate(ids):
+            params = {k: v[0] for k, v in self._transformed(
+                {k: p[cid : cid + 1] for k, p in clients.x.items()}).items()}
+            buffers = {k: b[cid] for k, b in clients.model_buffers.items()}  # views: BatchNorm updates in place
+            x, y = batch.client(j)
+            loss, logged = self.objective.single(params, buffers, x, y)
+            self.manual_backward(loss)
+            losses.append(loss.detach())
+            logs.append(logged)
+        return torch.stack(losses), {k: torch.stack([lg[k] for lg in logs]) for k in logs[0]}
+
+    def _forward_backward(self, batch: ClientBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        if self._vectorized is None:
+            self._vectorized = self._choose_path(self._datamodule())
+        if not self._vectorized:
+            return self._sequential_backward(batch)
+        if self.vectorize is True or self.global_step > 0:
+            return self._vectorized_backward(batch)
+        try:  # "auto": the first step proves that the model runs under vmap
+            return self._vectorized_backward(batch)
+        except Exception as err:  # noqa: BLE001 - any vmap failure means: use the loop
+            for p in self.ensure_clients().x.values():
+                p.grad = None
+            rank_zero_warn(f"vectorised step failed ({type(err).__name__}: {err}); using the sequential loop")
+            self._vectorized = False
+            return self._sequential_backward(batch)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        dm = self._datamodule()
+        if not self._round_open:
+            for cb in self.federated_callbacks:
+                cb.on_round_start(self.trainer, self, self.round_index)
+            self._round_open = True
+        client_batch = dm.sample(self.global_step, self.active_clients, self.device,
+                                 dtype=next(iter(self.ensure_clients().x.values())).dtype)
+        opt = self.optimizers()
+        opt.zero_grad()
+        losses, client_logs = self._forward_backward(client_batch)
+        opt.step()
+        for cb in self.federated_callbacks:
+            cb.on_local_step_end(self.trainer, self)
+        weights = self._round_weights()
+        loss = torch.dot(weights.to(losses.dtype), losses)
+        if self.schedule is not None and self.schedule.step():
+            with torch.no_grad():
+                self._communicate(weights)
+            self._round_open = False
+        metrics = {"train/loss": loss, "comm/rounds": self.comm.rounds.float(),
+                   "comm/bits_up": self.comm.bits_up, "comm/bits_down": self.comm.bits_down,
+                   **self.round_metrics,
+                   **{f"train/{k}": torch.dot(weights.to(v.dtype), v) for k, v in client_logs.items()}}
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        self.log("round", float(self.round_index), prog_bar=True, on_step=True, batch_size=1, logger=False)
+        self.log("loss", loss, prog_bar=True, on_step=True, batch_size=1, logger=False)
+        return loss
+
+    def _round_weights(self) -> Tensor:
+        w = self.client_weights if self.active_clients is None else self.client_weights[self.active_clients]
+        return w / w.sum()
+
+    # ------------------------------------------------------------------ communication round
+    def _call(self, hook: str, rnd: Round) -> None:
+        for cb in self.federated_callbacks:
+            getattr(cb, hook)(self.trainer, self, rnd)
+
+    def _communicate(self, weights: Tensor) -> None:
+        """One communication round, DESIGN §1.2 (the ``θ_t = 1`` branch)."""
+        clients = self.ensure_clients()
+        idx = self.active_clients
+        local = {k: (x if idx is None else x[idx]).detach() for k, x in clients.x.items()}
+        rnd = Round(self.round_index, self.global_step, idx, weights, local, {k: v.clone() for k, v in local.items()})
+        self._call("on_uplink", rnd)
+        self._call("on_compress_uplink", rnd)
+        up_bits = rnd.uplink_bits if rnd.uplink_bits is not None else message_bits(
+            rnd.uplink, self.encoding, stacked=True)
+        rnd.mean = {k: torch.tensordot(weights.to(u.dtype), u, dims=1) for k, u in rnd.uplink.items()}
+        rnd.server = dict(rnd.mean)
+        self._call("on_aggregate", rnd)
+        rnd.broadcast = dict(rnd.server)
+        self._call("on_broadcast", rnd)
+        receivers = len(weights)
+        down_bits = rnd.downlink_bits if rnd.downlink_bits is not None else message_bits(
+            rnd.broadcast, self.encoding, stacked=False) * receivers
+        rnd.received = dict(rnd.broadcast)
+        self._call("on_receive", rnd)
+
+        global_params = dict(self.global_model.named_parameters())
+        for k, x in clients.x.items():
+            x.copy_(rnd.received[k].unsqueeze(0).expand_as(x))
+            global_params[k].copy_(rnd.received[k])
+        self._average_buffers(weights)
+        self.comm.record(up_bits, down_bits)
+        self.round_index += 1
+        self._call("on_round_end", rnd)
+        nnz, d = count_nonzero(rnd.received, stacked=False)
+        self.round_metrics["sparsity/density"] = nnz.float() / d
+        if self.eval_every is not None and self.round_index % self.eval_every == 0:
+            self.round_metrics.update(self.evaluate_global())
+
+    def _average_buffers(self, weights: Tensor) -> None:
+        """Client model buffers (e.g. BatchNorm statistics) are averaged like the parameters."""
+        clients = self.ensure_clients()
+        global_buffers = dict(self.global_model.named_buffers())
+        idx = self.active_clients
+        for k, b in clients.model_buffers.items():
+            part = b if idx is None else b[idx]
+            if b.is_floating_point():
+                value = torch.tensordot(weights.to(b.dtype), part, dims=1)
+            else:
+                value = part.max(dim=0).values
+            b.copy_(value.unsqueeze(0).expand_as(b))
+            global_buffers[k].copy_(value)
+
+    # ------------------------------------------------------------------ evaluation of the global model
+    def _eval_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        dtype = next(iter(self.global_model.parameters())).dtype
+        x = x.to(dtype) if x.is_floating_point() else x
+        if self.loss_fn is None:
+            return self.objective.evaluate(self.global_model, x, y), None
+        out = self.global_model(x)
+        loss = self.loss_fn(out, y)
+        acc = (out.argmax(-1) == y).float().mean() if self.loss_fn.task == "classification" else None
+        return loss, acc
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        loss, acc = self._eval_batch(x, y)
+        self.val_loss.update(loss, weight=len(y))
+        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=len(y))
+        if acc is not None:
+            self.val_acc.update(acc, weight=len(y))
+            self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(y))
+
+    @torch.no_grad()
+    def evaluate_global(self) -> dict[str, Tensor]:
+        """Loss (and accuracy) of the global model on the datamodule's held-out split."""
+        was_training = self.global_model.training
+        self.global_model.eval()
+        total_loss = total_acc = torch.zeros((), device=self.device)
+        count = 0
+        for x, y in self._datamodule().eval_batches(self.device):
+            loss, acc = self._eval_batch(x, y)
+            total_loss = total_loss + loss * len(y)
+            if acc is not None:
+                total_acc = total_acc + acc * len(y)
+            count += len(y)
+        self.global_model.train(was_training)
+        metrics = {"val/loss": total_loss / max(count, 1)}
+        if self.loss_fn is not None and self.loss_fn.task == "classification":
+            metrics["val/acc"] = total_acc / max(count, 1)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["federated"] = {"round_index": self.round_index, "round_open": self._round_open,
+                                   "active_clients": self._active_list}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        if self.clients is None:
+            first = next(k for k in state if k.startswith("clients.x."))
+            self._init_clients(state[first].shape[0])
+        assert self.clients is not None
+        self.clients.allocate_from_state_dict(state, "clients.")
+        fed = checkpoint.get("federated", {})
+        self.round_index = fed.get("round_index", 0)
+        self._round_open = fed.get("round_open", False)
+        self.set_active_clients(fed.get("active_clients"))
+
+    def client_model_params(self, i: int) -> Tensors:
+        """Client i's current parameters x_i (views into the stacked state)."""
+        return {k: v[i].detach() for k, v in self.ensure_clients().x.items()}
+

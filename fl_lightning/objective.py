@@ -1,0 +1,137 @@
+"""The local objective f_i evaluated for many clients at once (``torch.func.vmap``) or one by one.
+
+Both paths compute the same numbers: f_i(w_i; batch_i) for every participating client i, where w_i are
+the client's (possibly transformed, e.g. STE-pruned) parameters. The caller sums the losses and runs
+one backward; because clients' parameters are disjoint slices of the stacked tensors, the gradient of
+the sum with respect to client i's slice is exactly ∇f_i (DESIGN §2.1).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from fl_lightning.losses import Loss
+
+
+@dataclass
+class ClientBatch:
+    """One local step's data, stacked over the participating clients.
+
+    ``inputs``: [c, B, ...]; ``targets``: [c, B, ...]; ``mask``: [c, B] bool marking real (not padding)
+    samples, or None when every row is real. Padding only happens with full-batch steps on clients of
+    unequal sizes, and always sits at the end of a client's rows.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    mask: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def client(self, i: int) -> tuple[Tensor, Tensor]:
+        """Client i's real samples (padding removed)."""
+        x, y = self.inputs[i], self.targets[i]
+        if self.mask is not None:
+            m = int(self.mask[i].sum())
+            x, y = x[:m], y[:m]
+        return x, y
+
+
+class _LogRecorder:
+    """Stands in for ``LightningModule.log`` on the client template: collects tensor values so a user's
+    unchanged ``training_step`` can call ``self.log`` (under vmap the values come back per client)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Tensor] = {}
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(value, (int, float)):
+            value = torch.tensor(float(value))
+        if isinstance(value, Tensor) and value.numel() == 1:
+            self.values[name] = value.detach().reshape(()).float()
+
+    def pop(self) -> dict[str, Tensor]:
+        values, self.values = self.values, {}
+        return values
+
+
+class _TrainingStepCall(nn.Module):
+    """Routes ``functional_call`` to a LightningModule's ``training_step`` instead of ``forward``."""
+
+    def __init__(self, module: LightningModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: Any, batch_idx: int) -> Any:
+        return self.module.training_step(batch, batch_idx)
+
+
+class LocalObjective:
+    """f_i for a client template: ``forward`` + ``loss``, or a LightningModule's ``training_step``."""
+
+    def __init__(self, template: nn.Module, loss: Loss | None) -> None:
+        self.template = template
+        self.loss = loss
+        self.uses_training_step = loss is None
+        if self.uses_training_step and not isinstance(template, LightningModule):
+            raise ValueError(
+                "loss is required for a plain nn.Module client model: pass loss='cross_entropy', "
+                "'mse' or a callable (output, target) -> scalar"
+            )
+        self.recorder = _LogRecorder()
+        if isinstance(template, LightningModule):
+            # Instance attribute shadows LightningModule.log: the template is our private copy.
+            template.log = self.recorder.log  # type: ignore[method-assign]
+        self._step_call = _TrainingStepCall(template) if self.uses_training_step else None
+
+    @property
+    def supports_padding(self) -> bool:
+        return self.loss is not None and self.loss.supports_padding
+
+    def _call(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
+              mask: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        if self._step_call is not None:
+            state = {f"module.{k}": v for k, v in {**params, **buffers}.items()}
+            out = functional_call(self._step_call, state, ((x, y), 0))
+            loss = out["loss"] if isinstance(out, Mapping) else out
+            if not isinstance(loss, Tensor):
+                raise TypeError("the client LightningModule's training_step must return the loss tensor")
+            return loss, self.recorder.pop()
+        assert self.loss is not None
+        output = functional_call(self.template, (dict(params), dict(buffers)), (x,))
+        return self.loss(output, y, mask), {}
+
+    def vectorized(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
+                   batch: ClientBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Losses [c] (and logged values [c] each) for all clients of the batch in one vmapped call."""
+        if batch.mask is not None and not self.supports_padding:
+            raise RuntimeError("padded batches need a built-in loss; use the sequential path")
+        in_dims = (0, 0, 0, 0, None if batch.mask is None else 0)
+        fn = vmap(self._call, in_dims=in_dims, randomness="different")
+        self.recorder.pop()
+        return fn(dict(params), dict(buffers), batch.inputs, batch.targets, batch.mask)
+
+    def single(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,
+               y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """f_i for one client's unpadded batch (the sequential path)."""
+        self.recorder.pop()
+        return self._call(params, buffers, x, y, None)
+
+    def evaluate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Mean loss of a materialised model (the global model) on a batch."""
+        if self.loss is not None:
+            return self.loss(model(x), y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model.training_step((x, y), 0)
+        self.recorder.pop()
+        return out["loss"] if isinstance(out, Mapping) else out
