@@ -112,7 +112,7 @@ class FederatedLightningModule(LightningModule):
         self.comm = CommCounter()
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
-        self.register_buffer("client_weights", torch.empty(0), persistent=False)
+        self.register_buffer("client_weights", torch.empty(0, dtype=torch.float64), persistent=False)
 
         self.round_index = 0
         self.active_clients: Tensor | None = None
@@ -128,7 +128,7 @@ class FederatedLightningModule(LightningModule):
     # ------------------------------------------------------------------ set-up
     def _init_clients(self, n: int) -> None:
         self.clients = ClientState(self.global_model, n)
-        self.client_weights = torch.full((n,), 1.0 / n)
+        self.client_weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
 
     def _datamodule(self) -> FederatedDataModule:
         from fl_lightning.data.datamodule import FederatedDataModule
@@ -300,14 +300,24 @@ class FederatedLightningModule(LightningModule):
             with torch.no_grad():
                 self._communicate(weights)
             self._round_open = False
+        if self._logging_step():
+            self._log_step_metrics(loss, weights, client_logs)
+        return loss
+
+    def _logging_step(self) -> bool:
+        """Whether the loggers write this step (``Trainer(log_every_n_steps=...)``): ``self.log`` costs
+        about a millisecond per metric, so the per-step metrics are only handed over when they are used."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True)) or self.trainer.fast_dev_run
+
+    def _log_step_metrics(self, loss: Tensor, weights: Tensor, client_logs: dict[str, Tensor]) -> None:
         metrics = {"train/loss": loss, "comm/rounds": self.comm.rounds.float(),
                    "comm/bits_up": self.comm.bits_up, "comm/bits_down": self.comm.bits_down,
                    **self.round_metrics,
                    **{f"train/{k}": torch.dot(weights.to(v.dtype), v) for k, v in client_logs.items()}}
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        self.log("round", float(self.round_index), prog_bar=True, on_step=True, batch_size=1, logger=False)
-        self.log("loss", loss, prog_bar=True, on_step=True, batch_size=1, logger=False)
-        return loss
+        self.log_dict({"round": float(self.round_index), "loss": loss}, prog_bar=True, on_step=True,
+                      on_epoch=False, batch_size=1, logger=False)
 
     def _round_weights(self) -> Tensor:
         w = self.client_weights if self.active_clients is None else self.client_weights[self.active_clients]

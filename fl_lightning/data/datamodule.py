@@ -70,7 +70,7 @@ class FederatedDataModule(LightningDataModule):
         batch_size: samples per client per local step; None = the whole local dataset (full gradient).
         client_weighting: w_i = 1/n (``uniform``, the theory's default) or w_i ∝ |D_i| (``num_samples``).
         steps_per_epoch: local steps per Lightning epoch (default: one pass over an average client's
-            data, or 1 with full batches).
+            data; 100 with full batches, where one step is a pass).
         eval_batch_size: batch size of the held-out split.
         data_dir: where datasets are read from (and downloaded to).
         dataset_args: options of the dataset loader.
@@ -209,7 +209,7 @@ class FederatedDataModule(LightningDataModule):
         """w_i, summing to 1 (DESIGN §1.1)."""
         sizes = torch.as_tensor(self.client_sizes, dtype=torch.float64)
         w = torch.ones_like(sizes) if self.client_weighting == "uniform" else sizes
-        return (w / w.sum()).float()
+        return w / w.sum()
 
     @property
     def padded(self) -> bool:
@@ -221,7 +221,7 @@ class FederatedDataModule(LightningDataModule):
         if self._steps_per_epoch is not None:
             return self._steps_per_epoch
         if self.batch_size is None:
-            return 1
+            return 100
         return max(1, math.ceil(float(self.client_sizes.mean()) / self.batch_size))
 
     # ------------------------------------------------------------------ sampling
