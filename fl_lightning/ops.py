@@ -1,0 +1,350 @@
+"""Pure tensor operators for pruning and compression (DESIGN §1.1–1.2), no Lightning.
+
+Conventions
+-----------
+Client state is a mapping ``name -> Tensor``. With ``stacked=True`` every tensor carries a leading
+client dimension, shape ``[n, *param_shape]``, and every operator acts on each client separately
+(vectorised: no Python loop over clients); with ``stacked=False`` the tensors are one model (the
+server / global model), shape ``[*param_shape]``, and behave like a single client.
+
+Operators
+---------
+- :func:`topk_mask` / :func:`topk` — TopK_δ of §1.1, global or per-layer scope.
+- :func:`topk_count` — the number k = ⌈δ·d⌉ of entries TopK_δ keeps.
+- :func:`soft_threshold` — prox of t‖·‖₁ (the ``randprox_l1`` step of §1.3).
+- :func:`quantize` / :func:`quantized_bits` — QSGD stochastic quantisation (a choice of C_up / C_down
+  in §1.2, FedComLoc) and its message size.
+- :func:`density` — fraction of non-zeros, on the device.
+- :func:`prunable` — which parameters are pruned by default (§1.1: weights, not biases / norms).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Scope = Literal["global", "layer"]
+SCOPES: tuple[str, ...] = ("global", "layer")
+
+__all__ = [
+    "SCOPES",
+    "density",
+    "prunable",
+    "quantize",
+    "quantized_bits",
+    "soft_threshold",
+    "topk",
+    "topk_count",
+    "topk_mask",
+]
+
+# Relative slack when rounding δ·d up to an integer (see `topk_count`).
+_CEIL_RTOL = 1e-9
+# Largest supported quantisation width: levels l ≤ s = 2^bits − 1 must be exact in float32 (24-bit mantissa).
+_MAX_BITS = 24
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _check_density(density: float) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    density = float(density)
+    if not 0.0 < density <= 1.0:  # also rejects NaN
+        raise ValueError(f"density must be in (0, 1] (density = 1 − sparsity), got {density!r}")
+    return density
+
+
+def _check_stacked(tensors: Mapping[str, Tensor], stacked: bool) -> int | None:
+    """Validate the mapping; return the number of clients n (``None`` when not stacked)."""
+    if len(tensors) == 0:
+        raise ValueError("tensors must contain at least one tensor")
+    if not stacked:
+        return None
+    n: int | None = None
+    for name, t in tensors.items():
+        if t.dim() == 0:
+            raise ValueError(f"stacked=True needs a leading client dimension, but {name!r} is a 0-d tensor")
+        if n is None:
+            n = t.shape[0]
+        elif t.shape[0] != n:
+            raise ValueError(
+                f"stacked tensors must share the client dimension: {name!r} has {t.shape[0]} clients, "
+                f"expected {n}"
+            )
+    return n
+
+
+def _as_rows(t: Tensor, stacked: bool) -> Tensor:
+    """View ``t`` as ``[n, d]`` (one row per client; a single row when not stacked)."""
+    return t.reshape(t.shape[0], -1) if stacked else t.reshape(1, -1)
+
+
+def _magnitudes(rows: Tensor) -> Tensor:
+    """|x| with NaN counted as +inf, so that NaN entries are kept first (as ``torch.sort`` orders them)."""
+    a = rows.detach().abs()
+    if a.is_floating_point():
+        a = torch.nan_to_num(a, nan=math.inf)
+    return a
+
+
+def topk_count(d: int, density: float) -> int:
+    """Number of entries TopK_δ keeps out of ``d``: k = ⌈δ·d⌉ (DESIGN §1.1), clamped to [1, d].
+
+    The product δ·d is a float; to keep k from jumping by one on rounding noise (e.g. δ = 0.1·3 =
+    0.30000000000000004, d = 10 must give k = 3, not 4) it is rounded up with a relative slack:
+    k = ⌈δ·d − 1e-9·max(1, δ·d)⌉. The slack is millions of times the float64 rounding error of the
+    product, and far below any fractional part a meaningful density produces.
+    """
+    density = _check_density(density)
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"d must be a positive int (entries in the TopK scope), got {d!r}")
+    x = density * d
+    k = math.ceil(x - _CEIL_RTOL * max(1.0, x))
+    return min(d, max(1, k))
+
+
+def _topk_rows(a: Tensor, k: int) -> Tensor:
+    """Bool mask of the k largest entries of every row of ``a`` ([n, d], non-negative), ties exact.
+
+    Method: the k-th largest value θ of each row is found with ``torch.topk`` (on the smaller side:
+    the k-th largest is the (d−k+1)-th smallest), then every entry > θ is kept, and among the entries
+    == θ the first ``k − #{> θ}`` in row-major order are kept (a cumulative sum over the equality mask).
+    That is exactly the result of a stable descending sort (lower flat index wins among equal
+    magnitudes), without sorting the whole row, and without a host synchronisation.
+
+    Measured on CPU (2 shared threads, torch 2.13), n = 10, d = 1e6, float32, best of 5, over
+    δ ∈ {0.01, 0.1, 0.5, 0.9} and inputs |randn|, 90 % zeros, all equal:
+        stable sort + scatter      170–1010 ms   (|randn|: 490–1010 ms)
+        topk + threshold tie fix    80–260 ms    (|randn|: 230–260 ms)
+    In isolation (|randn|, δ = 0.1): topk 47 ms, tie fix 56 ms, stable sort alone 498 ms. So 2–4×
+    faster, and bit-identical to the stable sort on every tested input. Because only the *value* θ of
+    ``topk`` is used (never its indices), the result is deterministic on every backend.
+    """
+    d = a.shape[1]
+    if k >= d:
+        return torch.ones_like(a, dtype=torch.bool)
+    if k <= d - k + 1:
+        theta = torch.topk(a, k, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
+    else:
+        theta = torch.topk(a, d - k + 1, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+    greater = a > theta
+    equal = a == theta
+    # Entries equal to θ still needed per row (≥ 1 by definition of θ).
+    idx_dtype = torch.int32 if d < 2**31 else torch.int64  # int32 halves the cumsum's memory
+    need = k - greater.sum(dim=1, keepdim=True, dtype=idx_dtype)
+    return greater | (equal & (equal.cumsum(dim=1, dtype=idx_dtype) <= need))
+
+
+# --------------------------------------------------------------------------------------------- TopK
+def topk_mask(
+    tensors: Mapping[str, Tensor],
+    density: float,
+    *,
+    scope: Scope = "global",
+    stacked: bool = True,
+) -> dict[str, Tensor]:
+    """Masks of TopK_δ (DESIGN §1.1): True at the k = ⌈δ·d⌉ entries of largest magnitude per scope.
+
+    Args:
+        tensors: ``name -> Tensor``; with ``stacked`` every tensor is ``[n, *shape]`` with the same n.
+        density: δ ∈ (0, 1], the kept fraction (sparsity = 1 − δ).
+        scope: ``"global"`` — one TopK over all given tensors together (d = total entries per client);
+            ``"layer"`` — one TopK per tensor (d = entries of that tensor per client).
+        stacked: dim 0 is the client dimension and every client gets its own mask.
+
+    Returns:
+        ``name -> bool Tensor`` of the same shapes. Each client keeps exactly k entries per scope
+        (k from :func:`topk_count`, ≥ 1). Ties are broken deterministically: among equal magnitudes
+        the entry with the lower flat index wins (order of the mapping, then row-major), i.e. the
+        result of a stable descending sort — also when all entries are equal or zero. NaN counts as
+        the largest magnitude. Computed without gradient and without host synchronisation.
+    """
+    density = _check_density(density)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    _check_stacked(tensors, stacked)
+    with torch.no_grad():
+        if scope == "layer":
+            out = {}
+            for name, t in tensors.items():
+                rows = _magnitudes(_as_rows(t, stacked))
+                out[name] = _topk_rows(rows, topk_count(rows.shape[1], density)).reshape(t.shape)
+            return out
+        rows = [_magnitudes(_as_rows(t, stacked)) for t in tensors.values()]
+        sizes = [r.shape[1] for r in rows]
+        if sum(sizes) == 0:
+            raise ValueError("tensors have no entries to prune")
+        a = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)  # cat promotes mixed dtypes
+        mask = _topk_rows(a, topk_count(a.shape[1], density))
+        return {
+            name: m.reshape(t.shape)
+            for (name, t), m in zip(tensors.items(), mask.split(sizes, dim=1))
+        }
+
+
+def topk(
+    tensors: Mapping[str, Tensor],
+    density: float,
+    *,
+    scope: Scope = "global",
+    stacked: bool = True,
+) -> dict[str, Tensor]:
+    """TopK_δ(x) (DESIGN §1.1): ``x`` at the entries of :func:`topk_mask`, exact zeros elsewhere.
+
+    Same arguments as :func:`topk_mask`. Dtypes are preserved; the result stays differentiable in
+    ``x`` (gradient flows through the kept entries only).
+    """
+    masks = topk_mask(tensors, density, scope=scope, stacked=stacked)
+    return {name: t.masked_fill(~masks[name], 0) for name, t in tensors.items()}
+
+
+# --------------------------------------------------------------------------------------------- prox
+def soft_threshold(x: Tensor, threshold: float | Tensor, *, validate: bool = True) -> Tensor:
+    """Soft-thresholding, the prox of t‖·‖₁ (the ``randprox_l1`` step of DESIGN §1.3, t = γλ):
+
+        prox_{t‖·‖₁}(x) = argmin_z ½‖z − x‖² + t‖z‖₁ = sign(x) · max(|x| − t, 0)   (elementwise).
+
+    Args:
+        x: any tensor.
+        threshold: t ≥ 0, a number or a tensor broadcastable against ``x`` (e.g. per-client
+            thresholds of shape ``[n, 1, ..., 1]`` for a stacked ``x``). Tensors are cast to ``x``'s dtype.
+        validate: check t ≥ 0. For a tensor ``threshold`` on an accelerator this costs a host
+            synchronisation; pass ``False`` on a hot path where t is known to be valid.
+
+    Returns:
+        A tensor of ``x``'s shape and dtype; |result| ≤ |x| and the map is non-expansive.
+    """
+    if isinstance(threshold, Tensor):
+        if validate and bool((threshold < 0).any() | threshold.isnan().any()):
+            raise ValueError("threshold must be ≥ 0 (and not NaN) everywhere")
+        t = threshold.to(dtype=x.dtype, device=x.device)
+    else:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise ValueError(f"threshold must be a number or a Tensor, got {threshold!r}")
+        if validate and not float(threshold) >= 0.0:  # rejects NaN too
+            raise ValueError(f"threshold must be ≥ 0, got {threshold!r}")
+        t = float(threshold)
+    return torch.sign(x) * torch.clamp_min(x.abs() - t, 0)
+
+
+# --------------------------------------------------------------------------------------------- quantisation
+def quantize(
+    x: Tensor,
+    *,
+    bits: int = 8,
+    stochastic: bool = True,
+    generator: torch.Generator | None = None,
+    stacked: bool = True,
+) -> Tensor:
+    """QSGD quantisation (Alistarh et al. 2017) to s = 2^bits − 1 levels, returned dequantised.
+
+    For a vector v (one client's tensor when ``stacked``, the whole tensor otherwise), with
+    r_j = s·|v_j|/‖v‖₂ ∈ [0, s] and l_j = ⌊r_j⌋:
+
+        Q(v)_j = ‖v‖₂ · sign(v_j) · ξ_j / s,   ξ_j = l_j + 1 with probability r_j − l_j, else l_j.
+
+    This is unbiased, E[Q(v)] = v, with Var[Q(v)_j] = (‖v‖/s)²·(r_j−l_j)(1−r_j+l_j) ≤ ‖v‖²/(4s²).
+    With ``stochastic=False``, ξ_j = round(r_j) (deterministic, biased), |Q(v)_j − v_j| ≤ ‖v‖/(2s).
+    Used as a compressor C_up / C_down of DESIGN §1.2 (FedComLoc); the message is ‖v‖ (fp32) plus a
+    sign and a level per entry, see :func:`quantized_bits`. A zero vector is sent as zeros.
+
+    Args:
+        x: ``[n, *shape]`` when ``stacked`` (norm per client), any shape otherwise (one norm).
+        bits: level bits, 1 ≤ bits ≤ 24 (levels must be exact in float32).
+        stochastic: random (unbiased) rounding; ``False`` rounds to the nearest level.
+        generator: RNG for the stochastic rounding (must live on ``x``'s device); default: global RNG.
+        stacked: dim 0 is the client dimension.
+
+    Returns:
+        The dequantised tensor, same shape and dtype as ``x`` (computed in at least float32).
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= _MAX_BITS:
+        raise ValueError(f"bits must be an int in [1, {_MAX_BITS}], got {bits!r}")
+    if not x.is_floating_point():
+        raise ValueError(f"quantize needs a floating-point tensor, got dtype {x.dtype}")
+    if stacked and x.dim() == 0:
+        raise ValueError("stacked=True needs a leading client dimension, got a 0-d tensor")
+    s = float(2**bits - 1)
+    work = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    rows = _as_rows(work, stacked)
+    norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    # r = s·|v|/‖v‖, 0 for a zero vector (avoid 0/0).
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    r = (rows.abs() / safe * s).clamp_(max=s)
+    if stochastic:
+        u = torch.rand(r.shape, generator=generator, dtype=r.dtype, device=r.device)
+        low = r.floor()
+        level = low + (u < r - low).to(r.dtype)
+    else:
+        level = r.round()
+    q = torch.sign(rows) * level.clamp_(max=s) * (norm / s)
+    return q.reshape(x.shape).to(x.dtype)
+
+
+def quantized_bits(d: int, bits: int) -> int:
+    """Bits of one :func:`quantize` message of d entries: 32 (the fp32 norm) + d·(bits + 1) (sign + level)."""
+    if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+        raise ValueError(f"d must be a non-negative int, got {d!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= _MAX_BITS:
+        raise ValueError(f"bits must be an int in [1, {_MAX_BITS}], got {bits!r}")
+    return 32 + d * (bits + 1)
+
+
+# --------------------------------------------------------------------------------------------- statistics
+def density(tensors: Mapping[str, Tensor], *, stacked: bool) -> Tensor:
+    """Fraction of non-zero entries, nnz / d, over all given tensors (1 − sparsity, DESIGN §1.1).
+
+    Returns a float32 tensor on the tensors' device: shape ``[n]`` (per client) when ``stacked``,
+    a 0-d tensor otherwise. No host synchronisation. NaN counts as non-zero.
+    """
+    n = _check_stacked(tensors, stacked)
+    nnz: Tensor | None = None
+    d = 0
+    for t in tensors.values():
+        rows = _as_rows(t.detach(), stacked)
+        c = torch.count_nonzero(rows, dim=1)
+        nnz = c if nnz is None else nnz + c
+        d += rows.shape[1]
+    assert nnz is not None
+    if d == 0:
+        raise ValueError("tensors have no entries")
+    frac = nnz.to(torch.float32) / d
+    return frac if stacked and n is not None else frac.reshape(())
+
+
+# --------------------------------------------------------------------------------------------- selection
+def prunable(
+    named_params: Iterable[tuple[str, Tensor]],
+    *,
+    include: Literal["weights", "all"] = "weights",
+    stacked: bool,
+) -> list[str]:
+    """Names of the parameters pruned by default (DESIGN §1.1), in input order.
+
+    Rule for ``include="weights"``: a parameter is pruned iff it has ≥ 2 dimensions (after removing
+    the client dimension when ``stacked``) and its last name component is not ``bias``. This keeps
+    the weights of Linear / Conv / Embedding layers and excludes biases and normalisation parameters
+    (BatchNorm / LayerNorm / GroupNorm affine weights are 1-D). A LayerNorm over a multi-dimensional
+    ``normalized_shape`` has ≥ 2-D weights and *is* selected — pass explicit names in that case.
+    ``include="all"`` selects every parameter.
+
+    ``stacked`` has no default on purpose: a stacked norm weight ``[n, C]`` is 2-D, so guessing wrong
+    would silently prune normalisation parameters. Use ``stacked=False`` for ``module.named_parameters()``.
+    """
+    if include not in ("weights", "all"):
+        raise ValueError(f"include must be 'weights' or 'all', got {include!r}")
+    names = []
+    for name, p in named_params:
+        if include == "all":
+            names.append(name)
+            continue
+        ndim = p.dim() - 1 if stacked else p.dim()
+        if stacked and p.dim() == 0:
+            raise ValueError(f"stacked=True needs a leading client dimension, but {name!r} is a 0-d tensor")
+        if ndim >= 2 and name.rsplit(".", 1)[-1] != "bias":
+            names.append(name)
+    return names
