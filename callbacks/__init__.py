@@ -1,8 +1,19 @@
 """The callbacks that carry the federated algorithms (installed as ``fl_lightning.callbacks``)."""
 
 from fl_lightning.callbacks.base import FederatedCallback
+from fl_lightning.callbacks.compression import Compression
 from fl_lightning.callbacks.control_variates import ControlVariates
+from fl_lightning.callbacks.prox import L1Prox
+from fl_lightning.callbacks.pruning import TopKPruning
 from fl_lightning.callbacks.sampling import ClientSampling
 from fl_lightning.callbacks.schedule import SkipSchedule
 
-__all__ = ["ClientSampling", "ControlVariates", "FederatedCallback", "SkipSchedule"]
+__all__ = [
+    "ClientSampling",
+    "Compression",
+    "ControlVariates",
+    "FederatedCallback",
+    "L1Prox",
+    "SkipSchedule",
+    "TopKPruning",
+]

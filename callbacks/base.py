@@ -10,7 +10,8 @@ local step (every ``training_step``)
     ``on_local_step_end``       after the SGD step, before the coin (e.g. TopK "step 7", a prox)
 
 communication round (when the schedule's coin says so), see :class:`~fl_lightning.round.Round`
-    ``on_uplink``               form u_i (e.g. x̂_i − (γ/p) h_i)
+    ``on_before_uplink``        last change to the local models x̂_i (``rnd.local``, e.g. TopK them)
+    ``on_uplink``               form u_i from a copy of x̂_i (e.g. x̂_i − (γ/p) h_i)
     ``on_compress_uplink``      compress u_i (what goes on the wire)
     ``on_aggregate``            the server model x⁺ from x̄ (e.g. TopK at the server)
     ``on_broadcast``            compress the downlink b
@@ -42,6 +43,10 @@ class FederatedCallback(Callback):
 
     def on_local_step_end(self, trainer: Trainer, module: FederatedLightningModule) -> None:
         """After the optimizer step of every local step, before the schedule decides on communication."""
+
+    def on_before_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        """Replace entries of ``rnd.local`` (x̂_i) before the uplink is formed; the round, including the
+        control-variate update, then uses the replaced x̂_i."""
 
     def on_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
         """Form the uplink message ``rnd.uplink`` from ``rnd.local``."""

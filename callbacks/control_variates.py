@@ -7,6 +7,10 @@ after the round h_i ← h_i + (p/γ) (r − x̂_i),  r = x̄ (``reference="mean"
 With r = x̄ = Σ_i w_i u_i and Σ_i w_i = 1: Σ_i w_i h_i⁺ = Σ_i w_i h_i + (p/γ)(x̄ − Σ_i w_i x̂_i) = 0 after
 every round ("zero-sum", the condition Sparse-ProxSkip keeps). With r = b = TopK(x̄) (naive server
 pruning) the sum becomes (p/γ)(TopK(x̄) − x̄) ≠ 0 (the failure the seed paper explains).
+
+Because Σ_i w_i h_i = 0 holds with r = x̄, the server's x̄ = Σ_i w_i (x̂_i − (γ/p) h_i) equals Σ_i w_i x̂_i:
+clients may send x̂_i itself (``uplink="local"``), which is sparse when they prune — the reason pruning
+at the clients saves uplink bits. Sending x̂_i keeps Σ_i w_i h_i unchanged, so it stays zero.
 """
 
 from __future__ import annotations
@@ -14,18 +18,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from fl_lightning.callbacks.base import FederatedCallback
+from fl_lightning.callbacks.sampling import ClientSampling
 from lightning.pytorch import LightningModule, Trainer
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from fl_lightning.callbacks.base import FederatedCallback
-from fl_lightning.callbacks.sampling import ClientSampling
 from fl_lightning.round import Round
 
 if TYPE_CHECKING:
     from fl_lightning.module import FederatedLightningModule
 
 Reference = Literal["mean", "broadcast"]
+UplinkForm = Literal["shifted", "local"]
 
 
 class ControlVariates(FederatedCallback):
@@ -33,16 +38,26 @@ class ControlVariates(FederatedCallback):
 
     Args:
         reference: r in the update of h_i: ``mean`` (x̄, zero-sum, the default) or ``broadcast`` (b, naive).
+        uplink: ``shifted`` sends u_i = x̂_i − (γ/p) h_i (DESIGN §1.2 as written); ``local`` sends x̂_i, the
+            same x̄ whenever Σ_i w_i h_i = 0, which needs ``reference="mean"`` and full participation.
         allow_partial_participation: control variates assume every client takes part in every round;
             with :class:`ClientSampling` this raises unless set (then only the cohort's h_i change).
     """
 
     STATE = "cv_h"
 
-    def __init__(self, reference: Reference = "mean", allow_partial_participation: bool = False) -> None:
+    def __init__(self, reference: Reference = "mean", uplink: UplinkForm = "shifted",
+                 allow_partial_participation: bool = False) -> None:
         if reference not in ("mean", "broadcast"):
             raise ValueError(f"ControlVariates reference must be 'mean' or 'broadcast', got {reference!r}")
+        if uplink not in ("shifted", "local"):
+            raise ValueError(f"ControlVariates uplink must be 'shifted' or 'local', got {uplink!r}")
+        if uplink == "local" and reference != "mean":
+            raise ValueError("ControlVariates uplink='local' relies on zero-sum control variates: use reference='mean'")
+        if uplink == "local" and allow_partial_participation:
+            raise ValueError("ControlVariates uplink='local' needs full participation (Σ_i w_i h_i = 0 over all)")
         self.reference = reference
+        self.uplink = uplink
         self.allow_partial_participation = allow_partial_participation
 
     @override
@@ -72,6 +87,8 @@ class ControlVariates(FederatedCallback):
 
     @override
     def on_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        if self.uplink == "local":
+            return
         h = module.clients.extra[self.STATE]
         scale = 1.0 / self._p_over_gamma(module)
         for k in rnd.uplink:
@@ -103,4 +120,4 @@ class ControlVariates(FederatedCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference}
+        return {"reference": self.reference, "uplink": self.uplink}

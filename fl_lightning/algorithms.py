@@ -14,13 +14,16 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from lightning.pytorch import Callback
 
-from fl_lightning.callbacks import ClientSampling, ControlVariates, SkipSchedule
+from fl_lightning.callbacks import ClientSampling, Compression, ControlVariates, L1Prox, SkipSchedule, TopKPruning
+from fl_lightning.callbacks.compression import Method
 from fl_lightning.callbacks.control_variates import Reference
+from fl_lightning.callbacks.pruning import ParamSelection
 from fl_lightning.callbacks.schedule import ScheduleMode
+from fl_lightning.ops import Scope
 from fl_lightning.registry import Registry
 
 
@@ -112,8 +115,157 @@ class ProxSkip(Algorithm):
         return [SkipSchedule(p=self.p, mode=self.mode, seed=self.seed), ControlVariates(reference=self.reference)]
 
 
+@dataclass(frozen=True)
+class _Sparse(Algorithm):
+    """Shared hyper-parameters of the TopK presets. ``mode="fixed"`` (k = 1/p local steps per round)
+    is the seed paper's setting; ``bernoulli`` gives ProxSkip's random rounds."""
+
+    p: float = 0.2
+    mode: ScheduleMode = "fixed"
+    density: float = 0.1
+    scope: Scope = "global"
+    params: ParamSelection = "weights"
+    seed: int | None = None
+
+    def _schedule(self) -> SkipSchedule:
+        return SkipSchedule(p=self.p, mode=self.mode, seed=self.seed)
+
+    def _topk(self, *at: str) -> TopKPruning:
+        return TopKPruning(self.density, at=at, scope=self.scope, params=self.params)
+
+
+@register_algorithm("sparse_proxskip")
+@dataclass(frozen=True)
+class SparseProxSkip(_Sparse):
+    """Sparse-ProxSkip (Meinhardt, Yi, Condat, Richtárik, arXiv 2405.20623): prune at the clients.
+
+    x̂_i = TopK(x_i − γ (∇f_i(x_i) − h_i))          after every local step ("step 7")
+    with probability p:  x̄ = Σ_i w_i x̂_i,  h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← TopK(x̄)  ("step 9")
+
+    Control variates stay zero-sum (r = x̄), so Σ_i w_i (x̂_i − (γ/p) h_i) = Σ_i w_i x̂_i: clients upload
+    their sparse x̂_i (``ControlVariates(uplink="local")``), ⌈δ·d⌉ non-zeros of the pruned tensors each.
+    Reconstruction choices, with their switches: TopK over all pruned tensors (``scope="global"``, or
+    ``"layer"``); weights only, not biases/norms (``params``).
+    Callbacks: SkipSchedule, ControlVariates(reference="mean", uplink="local"), TopKPruning(at=[local, received]).
+    """
+
+    def callbacks(self) -> list[Callback]:
+        return [self._schedule(), ControlVariates(reference="mean", uplink="local"), self._topk("local", "received")]
+
+
+@register_algorithm("sparse_proxskip_local")
+@dataclass(frozen=True)
+class SparseProxSkipLocal(_Sparse):
+    """Sparse-ProxSkip-Local (the seed paper, v2): pruning inside local training through a straight-through
+    estimator (DESIGN §1.4).
+
+    x̂_i = x_i − γ (∇f_i(TopK(x_i)) − h_i)          forward and gradient at TopK(x_i), dense update
+    with probability p:  x̂_i ← TopK(x̂_i) (the uplink is sparse),  x̄ = Σ_i w_i x̂_i,
+                         h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← TopK(x̄) (or x̄ with ``prune_broadcast=False``)
+
+    Zero-sum control variates as in :class:`SparseProxSkip`. Reconstruction choice: whether the broadcast is
+    pruned as well is ours (``prune_broadcast``, default True so the global model is sparse).
+    Callbacks: SkipSchedule, ControlVariates(reference="mean", uplink="local"),
+    TopKPruning(at=[forward, round, received]).
+    """
+
+    prune_broadcast: bool = True
+
+    def callbacks(self) -> list[Callback]:
+        at = ("forward", "round", "received") if self.prune_broadcast else ("forward", "round")
+        return [self._schedule(), ControlVariates(reference="mean", uplink="local"), self._topk(*at)]
+
+
+@register_algorithm("server_pruning")
+@dataclass(frozen=True)
+class ServerPruning(_Sparse):
+    """Prune at the server, naively (the seed paper's failing baseline):
+
+    x̄ = Σ_i w_i (x̂_i − (γ/p) h_i),  b = TopK(x̄),  h_i ← h_i + (p/γ)(b − x̂_i),  x_i ← b
+
+    Σ_i w_i h_i becomes (p/γ)(TopK(x̄) − x̄) ≠ 0 after every round: the pruned mass is fed back into every
+    local step, amplified by 1/p — worse as p shrinks.
+    Callbacks: SkipSchedule, ControlVariates(reference="broadcast"), TopKPruning(at=server).
+    """
+
+    def callbacks(self) -> list[Callback]:
+        return [self._schedule(), ControlVariates(reference="broadcast"), self._topk("server")]
+
+
+@register_algorithm("server_pruning_modified")
+@dataclass(frozen=True)
+class ServerPruningModified(_Sparse):
+    """Prune at the server, but update the control variates with the unpruned average (the paper's second
+    baseline): b = TopK(x̄), h_i ← h_i + (p/γ)(x̄ − x̂_i), x_i ← b. Zero-sum, but the uplink stays dense.
+    Callbacks: SkipSchedule, ControlVariates(reference="mean"), TopKPruning(at=server).
+    """
+
+    def callbacks(self) -> list[Callback]:
+        return [self._schedule(), ControlVariates(reference="mean"), self._topk("server")]
+
+
+@register_algorithm("randprox_l1")
+@dataclass(frozen=True)
+class RandProxL1(Algorithm):
+    """ProxSkip with the ℓ1 prox at the clients (RandProx, Condat & Richtárik): solves min f(x) + λ‖x‖₁.
+
+    x̂_i = prox_{γλ‖·‖₁}(x_i − γ (∇f_i(x_i) − h_i)), then ProxSkip's round with zero-sum control variates.
+    Callbacks: SkipSchedule, ControlVariates(reference="mean"), L1Prox(lam).
+    """
+
+    p: float = 0.2
+    mode: ScheduleMode = "bernoulli"
+    lam: float = 1e-3
+    params: ParamSelection = "weights"
+    seed: int | None = None
+
+    def callbacks(self) -> list[Callback]:
+        return [SkipSchedule(p=self.p, mode=self.mode, seed=self.seed), ControlVariates(reference="mean"),
+                L1Prox(self.lam, params=self.params)]
+
+
+@register_algorithm("fedcomloc")
+@dataclass(frozen=True)
+class FedComLoc(_Sparse):
+    """FedComLoc (Yi et al. 2024): Scaffnew with compression in one place (``variant``):
+
+    - ``local``:  TopK in the forward pass of local training (STE), dense communication;
+    - ``com``:    the uplink u_i = C(x̂_i − (γ/p) h_i) is compressed; r = x̄ of the compressed messages;
+    - ``global``: the downlink b = C(x̄) is compressed; r = b.
+
+    C is TopK_δ (``method="topk"``) or QSGD quantisation with ``bits`` (``"quantize"``). With compression
+    the control variates are no longer exactly zero-sum (``cv/sum_norm`` shows by how much).
+    Callbacks: SkipSchedule, ControlVariates, then TopKPruning(at=forward) or Compression(uplink|downlink).
+    """
+
+    variant: Literal["local", "com", "global"] = "com"
+    method: Method = "topk"
+    bits: int = 8
+
+    def callbacks(self) -> list[Callback]:
+        if self.variant == "local":
+            return [self._schedule(), ControlVariates(reference="mean"), self._topk("forward")]
+        if self.variant not in ("com", "global"):
+            raise ValueError(f"fedcomloc variant must be 'local', 'com' or 'global', got {self.variant!r}")
+        direction = "uplink" if self.variant == "com" else "downlink"
+        reference = "mean" if self.variant == "com" else "broadcast"
+        compressor = Compression(direction, self.method, density=self.density if self.method == "topk" else None,
+                                 bits=self.bits, scope=self.scope, seed=self.seed)
+        return [self._schedule(), ControlVariates(reference=reference), compressor]
+
+
 fedavg = _preset_function(FedAvg)
 proxskip = _preset_function(ProxSkip)
+sparse_proxskip = _preset_function(SparseProxSkip)
+sparse_proxskip_local = _preset_function(SparseProxSkipLocal)
+server_pruning = _preset_function(ServerPruning)
+server_pruning_modified = _preset_function(ServerPruningModified)
+randprox_l1 = _preset_function(RandProxL1)
+fedcomloc = _preset_function(FedComLoc)
 
-__all__ = ["ALGORITHMS", "Algorithm", "FedAvg", "ProxSkip", "fedavg", "get_algorithm", "proxskip",
-           "register_algorithm"]
+__all__ = [
+    "ALGORITHMS", "Algorithm", "FedAvg", "FedComLoc", "ProxSkip", "RandProxL1", "ServerPruning",
+    "ServerPruningModified", "SparseProxSkip", "SparseProxSkipLocal", "fedavg", "fedcomloc", "get_algorithm",
+    "proxskip", "randprox_l1", "register_algorithm", "server_pruning", "server_pruning_modified",
+    "sparse_proxskip", "sparse_proxskip_local",
+]

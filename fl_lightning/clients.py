@@ -100,5 +100,5 @@ class ClientState(nn.Module):
                 wanted.setdefault(group, {})[mangled] = value
         for group, tensors in wanted.items():
             if group not in self.extra:
-                names = {_mangle(k): k for k in self.x.keys()}
+                names = {_mangle(k): k for k in self.x}
                 self.extra[group] = TensorGroup({names[m]: torch.empty_like(v) for m, v in tensors.items()})

@@ -21,9 +21,10 @@ from torchmetrics import MeanMetric
 from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.callbacks.schedule import SkipSchedule
 from fl_lightning.clients import ClientState, TensorGroup
-from fl_lightning.comm import ENCODINGS, CommCounter, Encoding, count_nonzero, message_bits
+from fl_lightning.comm import ENCODINGS, CommCounter, Encoding, message_bits
 from fl_lightning.losses import LossCallable, resolve_loss
 from fl_lightning.objective import ClientBatch, LocalObjective
+from fl_lightning.ops import density
 from fl_lightning.round import Round, Tensors
 
 if TYPE_CHECKING:
@@ -273,7 +274,7 @@ class FederatedLightningModule(LightningModule):
             return self._vectorized_backward(batch)
         try:  # "auto": the first step proves that the model runs under vmap
             return self._vectorized_backward(batch)
-        except Exception as err:  # noqa: BLE001 - any vmap failure means: use the loop
+        except Exception as err:
             for p in self.ensure_clients().x.values():
                 p.grad = None
             rank_zero_warn(f"vectorised step failed ({type(err).__name__}: {err}); using the sequential loop")
@@ -333,7 +334,9 @@ class FederatedLightningModule(LightningModule):
         clients = self.ensure_clients()
         idx = self.active_clients
         local = {k: (x if idx is None else x[idx]).detach() for k, x in clients.x.items()}
-        rnd = Round(self.round_index, self.global_step, idx, weights, local, {k: v.clone() for k, v in local.items()})
+        rnd = Round(self.round_index, self.global_step, idx, weights, local, {})
+        self._call("on_before_uplink", rnd)
+        rnd.uplink = {k: v.clone() for k, v in rnd.local.items()}
         self._call("on_uplink", rnd)
         self._call("on_compress_uplink", rnd)
         up_bits = rnd.uplink_bits if rnd.uplink_bits is not None else message_bits(
@@ -348,6 +351,7 @@ class FederatedLightningModule(LightningModule):
             rnd.broadcast, self.encoding, stacked=False) * receivers
         rnd.received = dict(rnd.broadcast)
         self._call("on_receive", rnd)
+        local_density = torch.dot(weights.float(), density(rnd.local, stacked=True))  # before x_i is overwritten
 
         global_params = dict(self.global_model.named_parameters())
         for k, x in clients.x.items():
@@ -357,8 +361,8 @@ class FederatedLightningModule(LightningModule):
         self.comm.record(up_bits, down_bits)
         self.round_index += 1
         self._call("on_round_end", rnd)
-        nnz, d = count_nonzero(rnd.received, stacked=False)
-        self.round_metrics["sparsity/density"] = nnz.float() / d
+        self.round_metrics["sparsity/density"] = density(rnd.received, stacked=False)
+        self.round_metrics["sparsity/client_density"] = local_density
         if self.eval_every is not None and self.round_index % self.eval_every == 0:
             self.round_metrics.update(self.evaluate_global())
 

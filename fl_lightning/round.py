@@ -19,7 +19,8 @@ class Round:
     """One round. Stacked tensors are [c, ...] over the participating clients ``clients``
     (None = all n clients, in order); unstacked ones are the single server-side model.
 
-    - ``local``: x̂_i, the clients' models after their last local step (stacked, read-only).
+    - ``local``: x̂_i, the clients' models after their last local step (stacked). Only
+      ``on_before_uplink`` may replace its entries; valid until ``on_receive`` returns.
     - ``uplink``: u_i, what each client sends; starts as a copy of x̂_i (stacked).
     - ``uplink_bits``: bits per client [c]; a compressor that knows its exact cost sets it,
       otherwise the module measures the sparse/dense encoding of ``uplink``.

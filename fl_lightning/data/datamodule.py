@@ -20,16 +20,9 @@ from torch import Tensor
 
 from fl_lightning.data.datasets import DatasetSplits, load_dataset
 from fl_lightning.objective import ClientBatch
-from fl_lightning.seeding import derive_seed
+from fl_lightning.seeding import derive_seed, step_seed
 
 ClientWeighting = Literal["uniform", "num_samples"]
-_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates the per-step seeds
-
-
-def step_seed(seed: int, step: int) -> int:
-    """A 63-bit seed for step ``step`` of a run seeded ``seed``."""
-    return (seed * _MIX + (step + 1) * 0xBF58476D1CE4E5B9) % (2**63 - 1)
-
 
 class _StepTokens:
     """The 'dataloader' Lightning iterates: one token per local step (the data itself is sampled by the

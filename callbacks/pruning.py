@@ -1,0 +1,183 @@
+"""``TopKPruning``: TopK_δ where DESIGN §1.2 places it — at the clients, at the server, or in the forward pass.
+
+Locations (``at``), in the order they act within a round:
+
+- ``forward``:  w_i = TopK(x_i) in the forward pass and the gradient, with a straight-through estimator
+                (STE, §1.4): the gradient of w_i is applied to the dense x_i, so pruned weights can grow back.
+- ``local``:    x̂_i ← TopK(x̂_i) after every local step ("step 7").
+- ``round``:    x̂_i ← TopK(x̂_i) once, at the end of the round, before the uplink (Sparse-ProxSkip-Local).
+- ``server``:   x⁺ = TopK(x̄) at the server.
+- ``received``: x_i ← TopK(b) on the received broadcast ("step 9").
+
+TopK keeps exactly k = ⌈δ·d⌉ entries of largest magnitude per scope (all pruned tensors together for
+``scope="global"``, each tensor for ``"layer"``), ties going to the lower index
+(:func:`fl_lightning.ops.topk_mask`). Which tensors are pruned: ``params="weights"`` (every parameter with
+≥ 2 dimensions: Linear/Conv weights, not biases or normalisation parameters) or ``"all"``.
+
+Masks are client state ``topk_mask`` (saved in checkpoints): the support each client keeps now. In the
+``local`` mode the momentum buffer is masked too, so optimizer state never revives a pruned weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from fl_lightning.callbacks.base import FederatedCallback
+from lightning.pytorch import LightningModule, Trainer
+from typing_extensions import override
+
+from fl_lightning.ops import SCOPES, Scope, _check_density, prunable, topk_mask
+from fl_lightning.round import Round, Tensors
+
+if TYPE_CHECKING:
+    from fl_lightning.module import FederatedLightningModule
+
+Location = Literal["forward", "local", "round", "server", "received"]
+LOCATIONS: tuple[str, ...] = ("forward", "local", "round", "server", "received")
+ParamSelection = Literal["weights", "all"]
+
+
+def _locations(at: str | Sequence[str]) -> tuple[str, ...]:
+    locations = (at,) if isinstance(at, str) else tuple(at)
+    if not locations:
+        raise ValueError(f"TopKPruning at must name at least one of {LOCATIONS}")
+    unknown = [a for a in locations if a not in LOCATIONS]
+    if unknown:
+        raise ValueError(f"TopKPruning at: unknown location(s) {unknown}; choose from {LOCATIONS}")
+    if "forward" in locations and "local" in locations:
+        raise ValueError(
+            "TopKPruning at: 'forward' (STE, dense x_i) conflicts with 'local' (x_i pruned after every step); "
+            "keep one of them"
+        )
+    return locations
+
+
+class TopKPruning(FederatedCallback):
+    """TopK_δ pruning (DESIGN §1.1–1.4).
+
+    Args:
+        density: δ ∈ (0, 1], the fraction of entries kept (sparsity = 1 − δ).
+        at: one location or a list, see the module docstring. Default: Sparse-ProxSkip's
+            ``["local", "received"]``.
+        scope: ``global`` (one TopK over all pruned tensors) or ``layer`` (per tensor).
+        params: ``weights`` (default) or ``all``.
+    """
+
+    STATE = "topk_mask"
+
+    def __init__(self, density: float, at: str | Sequence[str] = ("local", "received"), scope: Scope = "global",
+                 params: ParamSelection = "weights") -> None:
+        self.density = _check_density(density)
+        self.at = _locations(at)
+        if scope not in SCOPES:
+            raise ValueError(f"TopKPruning scope must be one of {SCOPES}, got {scope!r}")
+        if params not in ("weights", "all"):
+            raise ValueError(f"TopKPruning params must be 'weights' or 'all', got {params!r}")
+        self.scope: Scope = scope
+        self.params: ParamSelection = params
+        self.names: list[str] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(at=self.at)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        others = [cb for cb in trainer.callbacks if isinstance(cb, TopKPruning) and cb is not self]
+        clash = [a for cb in others for a in cb.at if a in self.at]
+        if clash:
+            raise ValueError(f"two TopKPruning callbacks prune at {sorted(set(clash))}; merge them into one")
+        self.names = prunable(pl_module.global_model.named_parameters(), include=self.params, stacked=False)
+        if not self.names:
+            raise ValueError(f"TopKPruning params={self.params!r} selects no parameter of the client model")
+        pl_module.add_client_state(self.STATE, dtype=torch.bool, fill=1.0)
+
+    # ------------------------------------------------------------------ helpers
+    def _prune(self, tensors: Tensors, *, stacked: bool) -> tuple[Tensors, Tensors]:
+        """(TopK of the pruned entries, with the other tensors untouched; the masks of the pruned ones)."""
+        masks = topk_mask({k: tensors[k] for k in self.names}, self.density, scope=self.scope, stacked=stacked)
+        out = dict(tensors)
+        for k, m in masks.items():
+            out[k] = tensors[k].masked_fill(~m, 0)
+        return out, masks
+
+    def _record(self, module: FederatedLightningModule, masks: Tensors, clients: torch.Tensor | None, *,
+                stacked: bool) -> None:
+        """Store the support each client now keeps: per client ([c, ...], ``stacked``) or one for all."""
+        state = module.clients.extra[self.STATE]
+        for k, m in masks.items():
+            if not stacked:
+                state[k].copy_(m.unsqueeze(0).expand_as(state[k]))
+            elif clients is None:
+                state[k].copy_(m)
+            else:
+                state[k][clients] = m
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def transform_params(self, trainer: Trainer, module: FederatedLightningModule, params: Tensors) -> Tensors:
+        if "forward" not in self.at:
+            return params
+        with torch.no_grad():
+            masks = topk_mask({k: params[k] for k in self.names}, self.density, scope=self.scope, stacked=True)
+        out = dict(params)
+        for k, m in masks.items():
+            x = params[k]
+            out[k] = x + (x.masked_fill(~m, 0) - x).detach()  # value TopK(x), gradient straight through
+        return out
+
+    @override
+    def on_local_step_end(self, trainer: Trainer, module: FederatedLightningModule) -> None:
+        if "local" not in self.at:
+            return
+        idx = module.active_clients
+        x = module.clients.x
+        with torch.no_grad():
+            rows = {k: (x[k] if idx is None else x[k][idx]) for k in self.names}
+            masks = topk_mask(rows, self.density, scope=self.scope, stacked=True)
+            for k, m in masks.items():
+                if idx is None:
+                    x[k].mul_(m)
+                else:
+                    x[k][idx] = rows[k] * m
+            self._mask_momentum(trainer, module, masks, idx)
+        self._record(module, masks, idx, stacked=True)
+
+    def _mask_momentum(self, trainer: Trainer, module: FederatedLightningModule, masks: Tensors,
+                       idx: torch.Tensor | None) -> None:
+        if not trainer.optimizers:
+            return
+        state = trainer.optimizers[0].state
+        for k, m in masks.items():
+            buf = state.get(module.clients.x[k], {}).get("momentum_buffer")
+            if buf is None:
+                continue
+            if idx is None:
+                buf.mul_(m)
+            else:
+                buf[idx] = buf[idx] * m
+
+    @override
+    def on_before_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        if "round" in self.at:
+            rnd.local, masks = self._prune(rnd.local, stacked=True)
+            self._record(module, masks, rnd.clients, stacked=True)
+
+    @override
+    def on_aggregate(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        if "server" in self.at:
+            rnd.server, masks = self._prune(rnd.server, stacked=False)
+            self._record(module, masks, None, stacked=False)
+
+    @override
+    def on_receive(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        if "received" in self.at:
+            rnd.received, masks = self._prune(rnd.received, stacked=False)
+            self._record(module, masks, None, stacked=False)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"density": self.density, "at": list(self.at), "scope": self.scope, "params": self.params}
