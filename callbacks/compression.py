@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from fl_lightning.callbacks.base import FederatedCallback
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
+from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.ops import SCOPES, Scope, _check_density, quantize, quantized_bits, topk
 from fl_lightning.round import Round, Tensors
 from fl_lightning.seeding import derive_seed, step_seed

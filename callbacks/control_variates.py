@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from fl_lightning.callbacks.base import FederatedCallback
-from fl_lightning.callbacks.sampling import ClientSampling
 from lightning.pytorch import LightningModule, Trainer
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from fl_lightning.callbacks.base import FederatedCallback
+from fl_lightning.callbacks.sampling import ClientSampling
 from fl_lightning.round import Round
 
 if TYPE_CHECKING:

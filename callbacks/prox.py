@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from fl_lightning.callbacks.base import FederatedCallback
-from fl_lightning.callbacks.pruning import ParamSelection
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
+from fl_lightning.callbacks.base import FederatedCallback
+from fl_lightning.callbacks.pruning import ParamSelection
 from fl_lightning.ops import prunable, soft_threshold
 
 if TYPE_CHECKING:

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from fl_lightning.callbacks.base import FederatedCallback
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
+from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.ops import SCOPES, Scope, _check_density, prunable, topk_mask
 from fl_lightning.round import Round, Tensors
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from fl_lightning.callbacks.base import FederatedCallback
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
+from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.seeding import derive_seed
 
 if TYPE_CHECKING:

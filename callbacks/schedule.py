@@ -6,10 +6,10 @@ import math
 import random
 from typing import Any, Literal
 
-from fl_lightning.callbacks.base import FederatedCallback
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
+from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.seeding import derive_seed
 
 ScheduleMode = Literal["bernoulli", "fixed", "geometric"]
