@@ -401,13 +401,15 @@ class FederatedLightningModule(LightningModule):
             self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(y))
 
     @torch.no_grad()
-    def evaluate_global(self) -> dict[str, Tensor]:
-        """Loss (and accuracy) of the global model on the datamodule's held-out split."""
+    def evaluate_global(self, datamodule: FederatedDataModule | None = None) -> dict[str, Tensor]:
+        """Loss (and accuracy) of the global model on the held-out split of ``datamodule`` (default: the
+        Trainer's)."""
+        dm = datamodule if datamodule is not None else self._datamodule()
         was_training = self.global_model.training
         self.global_model.eval()
         total_loss = total_acc = torch.zeros((), device=self.device)
         count = 0
-        for x, y in self._datamodule().eval_batches(self.device):
+        for x, y in dm.eval_batches(self.device):
             loss, acc = self._eval_batch(x, y)
             total_loss = total_loss + loss * len(y)
             if acc is not None:
