@@ -114,8 +114,8 @@ class ControlVariates(FederatedCallback):
     def weighted_sum_norm(self, module: FederatedLightningModule) -> torch.Tensor:
         """‖Σ_i w_i h_i‖ over all clients (zero with the ``mean`` reference)."""
         h = module.clients.extra[self.STATE]
-        w = module.client_weights
-        sq = sum((torch.tensordot(w.to(v.dtype), v, dims=1) ** 2).sum() for v in h.values())
+        w = module.client_weights[module.client_ids]
+        sq = sum((module._reduce(torch.tensordot(w.to(v.dtype), v, dims=1)) ** 2).sum() for v in h.values())
         return torch.as_tensor(sq).sqrt()
 
     @override

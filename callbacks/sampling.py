@@ -33,7 +33,7 @@ class ClientSampling(FederatedCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        n = pl_module.ensure_clients().num_clients
+        n = pl_module.num_clients
         if self.cohort_size > n:
             raise ValueError(f"ClientSampling cohort_size ({self.cohort_size}) must be <= the number of clients ({n})")
         if self.seed is None:

@@ -114,10 +114,13 @@ class FederatedLightningModule(LightningModule):
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
         self.register_buffer("client_weights", torch.empty(0, dtype=torch.float64), persistent=False)
+        self.register_buffer("client_ids", torch.empty(0, dtype=torch.long), persistent=False)
+        self._num_clients_total: int | None = None
 
         self.round_index = 0
-        self.active_clients: Tensor | None = None
-        self._active_list: list[int] | None = None
+        self.active_clients: Tensor | None = None  # local rows of the participating clients (None = all)
+        self._active_global: Tensor | None = None  # their global ids (for data sampling)
+        self._active_list: list[int] | None = None  # the whole cohort's global ids (None = everyone)
         self._round_open = False
         self._vectorized: bool | None = None
         self.round_metrics: dict[str, Tensor] = {}
@@ -128,8 +131,14 @@ class FederatedLightningModule(LightningModule):
 
     # ------------------------------------------------------------------ set-up
     def _init_clients(self, n: int) -> None:
-        self.clients = ClientState(self.global_model, n)
-        self.client_weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        """Allocate this process's clients out of ``n``: all of them, or the shard the strategy assigns
+        (``strategy.client_shard(n) -> list of global ids``, for clients spread over ranks)."""
+        shard = getattr(self._trainer.strategy, "client_shard", None) if self._trainer is not None else None
+        ids = list(range(n)) if shard is None else list(shard(n))
+        self._num_clients_total = n
+        self.client_ids = torch.tensor(ids, dtype=torch.long, device=self.client_ids.device)
+        self.clients = ClientState(self.global_model, len(ids))
+        self.client_weights = torch.full((n,), 1.0 / n, dtype=torch.float64, device=self.client_weights.device)
 
     def _datamodule(self) -> FederatedDataModule:
         from fl_lightning.data.datamodule import FederatedDataModule
@@ -158,11 +167,9 @@ class FederatedLightningModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = self._datamodule()
-        clients = self.ensure_clients()
-        if clients.num_clients != dm.num_clients:
-            raise ValueError(
-                f"the module holds {clients.num_clients} clients but the datamodule has {dm.num_clients}"
-            )
+        self.ensure_clients()
+        if self.num_clients != dm.num_clients:
+            raise ValueError(f"the module holds {self.num_clients} clients but the datamodule has {dm.num_clients}")
         self.client_weights = dm.client_weights.to(self.client_weights.device)
         callbacks = self.trainer.callbacks
         self.federated_callbacks = [cb for cb in callbacks if isinstance(cb, FederatedCallback)]
@@ -210,16 +217,32 @@ class FederatedLightningModule(LightningModule):
 
     @property
     def num_clients(self) -> int:
-        return self.ensure_clients().num_clients
+        """n, the number of clients of the federation (over all processes)."""
+        self.ensure_clients()
+        assert self._num_clients_total is not None
+        return self._num_clients_total
+
+    @property
+    def distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def _reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        """Σ (or max) over the processes' client shards; the identity on one process."""
+        if not self.distributed:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op=op)
 
     # ------------------------------------------------------------------ local step
     def set_active_clients(self, clients: list[int] | None) -> None:
-        """Restrict the next local steps to these clients (a cohort); None = all clients."""
+        """Restrict the next local steps to these clients (global ids: a cohort); None = all clients."""
         if clients is None:
-            self.active_clients, self._active_list = None, None
+            self.active_clients = self._active_global = self._active_list = None
             return
         self._active_list = sorted(int(i) for i in clients)
-        self.active_clients = torch.tensor(self._active_list, device=self.device, dtype=torch.long)
+        ids = self.client_ids.tolist()
+        rows = [r for r, i in enumerate(ids) if i in set(self._active_list)]
+        self.active_clients = torch.tensor(rows, device=self.device, dtype=torch.long)
+        self._active_global = torch.tensor([ids[r] for r in rows], device=self.device, dtype=torch.long)
 
     def _client_slice(self, tensors: TensorGroup, start: int, end: int) -> Tensors:
         if self.active_clients is None:
@@ -252,9 +275,9 @@ class FederatedLightningModule(LightningModule):
 
     def _sequential_backward(self, batch: ClientBatch) -> tuple[Tensor, dict[str, Tensor]]:
         clients = self.ensure_clients()
-        ids = self._active_list if self._active_list is not None else range(clients.num_clients)
+        rows = self.active_clients.tolist() if self.active_clients is not None else range(clients.num_clients)
         losses, logs = [], []
-        for j, cid in enumerate(ids):
+        for j, cid in enumerate(rows):
             params = {k: v[0] for k, v in self._transformed(
                 {k: p[cid : cid + 1] for k, p in clients.x.items()}).items()}
             buffers = {k: b[cid] for k, b in clients.model_buffers.items()}  # views: BatchNorm updates in place
@@ -266,6 +289,8 @@ class FederatedLightningModule(LightningModule):
         return torch.stack(losses), {k: torch.stack([lg[k] for lg in logs]) for k in logs[0]}
 
     def _forward_backward(self, batch: ClientBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        if len(batch) == 0:  # none of this process's clients is in the cohort
+            return batch.inputs.new_zeros(0), {}
         if self._vectorized is None:
             self._vectorized = self._choose_path(self._datamodule())
         if not self._vectorized:
@@ -287,7 +312,7 @@ class FederatedLightningModule(LightningModule):
             for cb in self.federated_callbacks:
                 cb.on_round_start(self.trainer, self, self.round_index)
             self._round_open = True
-        client_batch = dm.sample(self.global_step, self.active_clients, self.device,
+        client_batch = dm.sample(self.global_step, self._sampled_ids(), self.device,
                                  dtype=next(iter(self.ensure_clients().x.values())).dtype)
         opt = self.optimizers()
         opt.zero_grad()
@@ -296,7 +321,7 @@ class FederatedLightningModule(LightningModule):
         for cb in self.federated_callbacks:
             cb.on_local_step_end(self.trainer, self)
         weights = self._round_weights()
-        loss = torch.dot(weights.to(losses.dtype), losses)
+        loss = self._reduce(torch.dot(weights.to(losses.dtype), losses))
         if self.schedule is not None and self.schedule.step():
             with torch.no_grad():
                 self._communicate(weights)
@@ -320,9 +345,20 @@ class FederatedLightningModule(LightningModule):
         self.log_dict({"round": float(self.round_index), "loss": loss}, prog_bar=True, on_step=True,
                       on_epoch=False, batch_size=1, logger=False)
 
+    def _sampled_ids(self) -> Tensor | None:
+        """Global ids of the clients that step now (None = all n, on one process)."""
+        if self._active_global is not None:
+            return self._active_global
+        return None if len(self.client_ids) == self.num_clients else self.client_ids
+
     def _round_weights(self) -> Tensor:
-        w = self.client_weights if self.active_clients is None else self.client_weights[self.active_clients]
-        return w / w.sum()
+        """w_i of this process's participating clients, normalised over the whole cohort (Σ = 1 over ranks)."""
+        local = self.client_weights[self.client_ids]
+        if self.active_clients is None:
+            return local / self.client_weights.sum()
+        assert self._active_list is not None
+        total = self.client_weights[self._active_list].sum()
+        return local[self.active_clients] / total
 
     # ------------------------------------------------------------------ communication round
     def _call(self, hook: str, rnd: Round) -> None:
@@ -341,24 +377,24 @@ class FederatedLightningModule(LightningModule):
         self._call("on_compress_uplink", rnd)
         up_bits = rnd.uplink_bits if rnd.uplink_bits is not None else message_bits(
             rnd.uplink, self.encoding, stacked=True)
-        rnd.mean = {k: torch.tensordot(weights.to(u.dtype), u, dims=1) for k, u in rnd.uplink.items()}
+        rnd.mean = {k: self._reduce(torch.tensordot(weights.to(u.dtype), u, dims=1)) for k, u in rnd.uplink.items()}
         rnd.server = dict(rnd.mean)
         self._call("on_aggregate", rnd)
         rnd.broadcast = dict(rnd.server)
         self._call("on_broadcast", rnd)
-        receivers = len(weights)
+        receivers = len(self._active_list) if self._active_list is not None else self.num_clients
         down_bits = rnd.downlink_bits if rnd.downlink_bits is not None else message_bits(
             rnd.broadcast, self.encoding, stacked=False) * receivers
         rnd.received = dict(rnd.broadcast)
         self._call("on_receive", rnd)
-        local_density = torch.dot(weights.float(), density(rnd.local, stacked=True))  # before x_i is overwritten
+        local_density = self._reduce(torch.dot(weights.float(), density(rnd.local, stacked=True)))  # before x_i changes
 
         global_params = dict(self.global_model.named_parameters())
         for k, x in clients.x.items():
             x.copy_(rnd.received[k].unsqueeze(0).expand_as(x))
             global_params[k].copy_(rnd.received[k])
         self._average_buffers(weights)
-        self.comm.record(up_bits, down_bits)
+        self.comm.record(self._reduce(up_bits.sum()), down_bits)
         self.round_index += 1
         self._call("on_round_end", rnd)
         self.round_metrics["sparsity/density"] = density(rnd.received, stacked=False)
@@ -374,9 +410,9 @@ class FederatedLightningModule(LightningModule):
         for k, b in clients.model_buffers.items():
             part = b if idx is None else b[idx]
             if b.is_floating_point():
-                value = torch.tensordot(weights.to(b.dtype), part, dims=1)
+                value = self._reduce(torch.tensordot(weights.to(b.dtype), part, dims=1))
             else:
-                value = part.max(dim=0).values
+                value = self._reduce(part.max(dim=0).values, op="max")
             b.copy_(value.unsqueeze(0).expand_as(b))
             global_buffers[k].copy_(value)
 
@@ -433,10 +469,20 @@ class FederatedLightningModule(LightningModule):
             self._init_clients(state[first].shape[0])
         assert self.clients is not None
         self.clients.allocate_from_state_dict(state, "clients.")
+        self._select_shard(state)
         fed = checkpoint.get("federated", {})
         self.round_index = fed.get("round_index", 0)
         self._round_open = fed.get("round_open", False)
         self.set_active_clients(fed.get("active_clients"))
+
+    def _select_shard(self, state: dict[str, Tensor]) -> None:
+        """Checkpoints hold all n clients; keep the rows of this process's shard (in place)."""
+        if len(self.client_ids) == self.num_clients and self.client_ids.tolist() == list(range(self.num_clients)):
+            return
+        ids = self.client_ids.cpu()
+        for key, value in state.items():
+            if key.startswith("clients.") and value.dim() > 0 and value.shape[0] == self.num_clients:
+                state[key] = value[ids]
 
     def client_model_params(self, i: int) -> Tensors:
         """Client i's current parameters x_i (views into the stacked state)."""
