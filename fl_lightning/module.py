@@ -360,6 +360,20 @@ class FederatedLightningModule(LightningModule):
         total = self.client_weights[self._active_list].sum()
         return local[self.active_clients] / total
 
+    def on_train_end(self) -> None:
+        """Write the final state to the loggers whatever ``log_every_n_steps`` is: counters, round metrics and
+        the global model's held-out metrics (so a run's last logged row is its result)."""
+        if not self.loggers:
+            return
+        metrics = {"comm/rounds": self.comm.rounds.float(), "comm/bits_up": self.comm.bits_up,
+                   "comm/bits_down": self.comm.bits_down, **self.round_metrics}
+        if self._datamodule().has_eval_data:
+            metrics.update(self.evaluate_global())
+        values = {k: float(v) for k, v in metrics.items()}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=max(self.global_step - 1, 0))
+            logger.save()
+
     # ------------------------------------------------------------------ communication round
     def _call(self, hook: str, rnd: Round) -> None:
         for cb in self.federated_callbacks:

@@ -205,6 +205,11 @@ class FederatedDataModule(LightningDataModule):
         return w / w.sum()
 
     @property
+    def has_eval_data(self) -> bool:
+        """Whether there is a held-out split to evaluate on."""
+        return len(self._require()[0].test_y) > 0
+
+    @property
     def padded(self) -> bool:
         """Whether full-batch steps pad clients of unequal sizes."""
         return self.batch_size is None and len(set(self.client_sizes.tolist())) > 1
