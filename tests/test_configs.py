@@ -14,7 +14,8 @@ from fl_lightning.data.datamodule import FederatedDataModule
 from fl_lightning.module import FederatedLightningModule
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+FRAGMENTS = {"data.yaml", "trainer.yaml", "client_model.yaml"}  # included by the dataset presets
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.name not in FRAGMENTS and p.parent.name != "grids")
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
@@ -33,6 +34,10 @@ def test_configs_are_shipped() -> None:
     assert QUICKSTART in CONFIGS
     shipped = {p.stem for p in (ROOT / "configs" / "algorithms").glob("*.yaml")}
     assert shipped == set(ALGORITHMS.names()), "every preset has a config and every config a preset"
+    paper = {"fedavg", "proxskip", "sparse_proxskip", "sparse_proxskip_local", "server_pruning",
+             "server_pruning_modified"}
+    for dataset in ("fashion_mnist", "femnist", "cifar10", "blogfeedback"):
+        assert paper <= {p.stem for p in (ROOT / "configs" / dataset).glob("*.yaml")}, dataset
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -43,7 +48,7 @@ def test_every_config_parses_and_instantiates(path: Path, tmp_path: Path) -> Non
     cli = FederatedCLI(args=_args(path, tmp_path), run=False)
     assert isinstance(cli.model, FederatedLightningModule)
     assert isinstance(cli.datamodule, FederatedDataModule)
-    if path.parent.name == "algorithms":
+    if path.parent.name == "algorithms" or (path.parent / "data.yaml").exists():
         assert isinstance(cli.model.algorithm, Algorithm)
         assert cli.model.algorithm.name == path.stem
         assert cli.model.configure_callbacks(), "a preset expands into callbacks"
