@@ -3,6 +3,7 @@
 from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.callbacks.compression import Compression
 from fl_lightning.callbacks.control_variates import ControlVariates
+from fl_lightning.callbacks.divergence import DivergenceError, DivergenceGuard
 from fl_lightning.callbacks.prox import L1Prox
 from fl_lightning.callbacks.pruning import TopKPruning
 from fl_lightning.callbacks.sampling import ClientSampling
@@ -12,6 +13,8 @@ __all__ = [
     "ClientSampling",
     "Compression",
     "ControlVariates",
+    "DivergenceError",
+    "DivergenceGuard",
     "FederatedCallback",
     "L1Prox",
     "SkipSchedule",

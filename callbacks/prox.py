@@ -9,6 +9,7 @@ f + λ‖·‖₁: there, x_i = x*, h_i − ∇f_i(x*) = s ∈ λ ∂‖x*‖₁
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,7 +33,7 @@ class L1Prox(FederatedCallback):
     """
 
     def __init__(self, lam: float, params: ParamSelection = "weights") -> None:
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or not math.isfinite(lam):
             raise ValueError(f"L1Prox lam (λ, the ℓ1 weight) must be >= 0, got {lam!r}")
         if params not in ("weights", "all"):
             raise ValueError(f"L1Prox params must be 'weights' or 'all', got {params!r}")

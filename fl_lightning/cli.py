@@ -20,6 +20,7 @@ _IRRELEVANT_WARNINGS = (
     ".*does not have many workers.*",
     ".*Trying to infer the `batch_size`.*",
     ".*isinstance\\(treespec, LeafSpec\\).*",
+    ".*no pre-optimization state was saved.*",  # ModelCheckpoint, manual optimisation: the post-step state resumes
 )
 
 

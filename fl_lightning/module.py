@@ -9,6 +9,7 @@ Without callbacks that change them, the round is FedAvg's: x_i ← Σ_j w_j x̂_
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+import fl_lightning.strategy  # noqa: F401  (registers Trainer(strategy="federated_ddp"))
 from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.callbacks.schedule import SkipSchedule
 from fl_lightning.clients import ClientState, TensorGroup
@@ -35,8 +37,8 @@ Vectorize = bool | Literal["auto"]
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or not (value >= 0 if allow_zero else value > 0)):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
 
@@ -123,6 +125,7 @@ class FederatedLightningModule(LightningModule):
         self._active_list: list[int] | None = None  # the whole cohort's global ids (None = everyone)
         self._round_open = False
         self._vectorized: bool | None = None
+        self._vmap_proven = False  # "auto": a vectorised step has run in this process
         self.round_metrics: dict[str, Tensor] = {}
         self.federated_callbacks: list[FederatedCallback] = []
         self.schedule: SkipSchedule | None = None
@@ -201,6 +204,12 @@ class FederatedLightningModule(LightningModule):
             raise ValueError(f"vectorize=True is impossible: {'; '.join(reasons)}. Use vectorize: auto or false")
         rank_zero_warn(f"using the sequential client loop: {'; '.join(reasons)}")
         return False
+
+    def on_train_start(self) -> None:
+        # Lightning restores a checkpoint after ``setup``: the datamodule's partition (so w_i) and the round
+        # metrics may have changed since, and the module has moved to its device.
+        self.client_weights = self._datamodule().client_weights.to(self.client_weights.device)
+        self.round_metrics = {k: v.to(self.device) for k, v in self.round_metrics.items()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         clients = self.ensure_clients()
@@ -290,21 +299,25 @@ class FederatedLightningModule(LightningModule):
 
     def _forward_backward(self, batch: ClientBatch) -> tuple[Tensor, dict[str, Tensor]]:
         if len(batch) == 0:  # none of this process's clients is in the cohort
+            for p in self.ensure_clients().x.values():  # zero gradients, as the idle rows get on one process:
+                p.grad = torch.zeros_like(p)  # momentum and weight decay then act the same on any number of ranks
             return batch.inputs.new_zeros(0), {}
         if self._vectorized is None:
             self._vectorized = self._choose_path(self._datamodule())
         if not self._vectorized:
             return self._sequential_backward(batch)
-        if self.vectorize is True or self.global_step > 0:
+        if self.vectorize is True or self._vmap_proven:
             return self._vectorized_backward(batch)
-        try:  # "auto": the first step proves that the model runs under vmap
-            return self._vectorized_backward(batch)
-        except Exception as err:
+        try:  # "auto": the first step of this process (also after a resume) proves the model runs under vmap
+            result = self._vectorized_backward(batch)
+        except Exception as err:  # any vmap failure means: use the loop
             for p in self.ensure_clients().x.values():
                 p.grad = None
             rank_zero_warn(f"vectorised step failed ({type(err).__name__}: {err}); using the sequential loop")
             self._vectorized = False
             return self._sequential_backward(batch)
+        self._vmap_proven = True
+        return result
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         dm = self._datamodule()
@@ -389,8 +402,12 @@ class FederatedLightningModule(LightningModule):
         rnd.uplink = {k: v.clone() for k, v in rnd.local.items()}
         self._call("on_uplink", rnd)
         self._call("on_compress_uplink", rnd)
-        up_bits = rnd.uplink_bits if rnd.uplink_bits is not None else message_bits(
-            rnd.uplink, self.encoding, stacked=True)
+        if rnd.uplink_bits is not None:
+            up_bits = rnd.uplink_bits
+        elif len(weights) == 0:  # none of this process's clients is in the cohort
+            up_bits = torch.zeros(0, dtype=torch.float64, device=weights.device)
+        else:
+            up_bits = message_bits(rnd.uplink, self.encoding, stacked=True)
         rnd.mean = {k: self._reduce(torch.tensordot(weights.to(u.dtype), u, dims=1)) for k, u in rnd.uplink.items()}
         rnd.server = dict(rnd.mean)
         self._call("on_aggregate", rnd)
@@ -401,7 +418,9 @@ class FederatedLightningModule(LightningModule):
             rnd.broadcast, self.encoding, stacked=False) * receivers
         rnd.received = dict(rnd.broadcast)
         self._call("on_receive", rnd)
-        local_density = self._reduce(torch.dot(weights.float(), density(rnd.local, stacked=True)))  # before x_i changes
+        local_density = self._reduce(  # before x_i changes
+            torch.dot(weights.float(), density(rnd.local, stacked=True)) if len(weights)
+            else torch.zeros((), device=weights.device))
 
         global_params = dict(self.global_model.named_parameters())
         for k, x in clients.x.items():
@@ -474,7 +493,8 @@ class FederatedLightningModule(LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["federated"] = {"round_index": self.round_index, "round_open": self._round_open,
-                                   "active_clients": self._active_list}
+                                   "active_clients": self._active_list,
+                                   "round_metrics": {k: v.detach().cpu() for k, v in self.round_metrics.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
@@ -488,6 +508,7 @@ class FederatedLightningModule(LightningModule):
         self.round_index = fed.get("round_index", 0)
         self._round_open = fed.get("round_open", False)
         self.set_active_clients(fed.get("active_clients"))
+        self.round_metrics = dict(fed.get("round_metrics", {}))
 
     def _select_shard(self, state: dict[str, Tensor]) -> None:
         """Checkpoints hold all n clients; keep the rows of this process's shard (in place)."""
