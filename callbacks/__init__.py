@@ -4,6 +4,7 @@ from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.callbacks.compression import Compression
 from fl_lightning.callbacks.control_variates import ControlVariates
 from fl_lightning.callbacks.divergence import DivergenceError, DivergenceGuard
+from fl_lightning.callbacks.interrupt import GracefulInterrupt
 from fl_lightning.callbacks.prox import L1Prox
 from fl_lightning.callbacks.pruning import TopKPruning
 from fl_lightning.callbacks.sampling import ClientSampling
@@ -16,6 +17,7 @@ __all__ = [
     "DivergenceError",
     "DivergenceGuard",
     "FederatedCallback",
+    "GracefulInterrupt",
     "L1Prox",
     "SkipSchedule",
     "TopKPruning",

@@ -11,6 +11,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from fl_lightning.callbacks.interrupt import GracefulInterrupt
 from fl_lightning.data.datamodule import FederatedDataModule
 from fl_lightning.module import FederatedLightningModule
 
@@ -31,12 +32,14 @@ def quiet_irrelevant_warnings() -> None:
 
 class FederatedCLI(LightningCLI):
     """LightningCLI for :class:`FederatedLightningModule` and :class:`FederatedDataModule`, with a
-    CSVLogger under ``logs/`` by default."""
+    CSVLogger under ``logs/`` and :class:`GracefulInterrupt` by default."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         quiet_irrelevant_warnings()
-        trainer_defaults = {
+        trainer_defaults: dict[str, Any] = {
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
+            # Ctrl-C finishes the current local step, so any checkpoint written on the way out resumes exactly
+            "callbacks": [GracefulInterrupt()],
         }
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
         super().__init__(
