@@ -5,6 +5,8 @@ from fl_lightning.callbacks.compression import Compression
 from fl_lightning.callbacks.control_variates import ControlVariates
 from fl_lightning.callbacks.divergence import DivergenceError, DivergenceGuard
 from fl_lightning.callbacks.interrupt import GracefulInterrupt
+from fl_lightning.callbacks.metrics import LayerDensity, WandbFederatedMetrics
+from fl_lightning.callbacks.progress import FederatedProgressBar
 from fl_lightning.callbacks.prox import L1Prox
 from fl_lightning.callbacks.pruning import TopKPruning
 from fl_lightning.callbacks.sampling import ClientSampling
@@ -17,8 +19,11 @@ __all__ = [
     "DivergenceError",
     "DivergenceGuard",
     "FederatedCallback",
+    "FederatedProgressBar",
     "GracefulInterrupt",
     "L1Prox",
+    "LayerDensity",
     "SkipSchedule",
     "TopKPruning",
+    "WandbFederatedMetrics",
 ]

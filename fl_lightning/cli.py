@@ -9,9 +9,12 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from fl_lightning.callbacks.interrupt import GracefulInterrupt
+from fl_lightning.callbacks.metrics import LayerDensity, WandbFederatedMetrics
+from fl_lightning.callbacks.progress import use_federated_progress_bar
 from fl_lightning.data.datamodule import FederatedDataModule
 from fl_lightning.module import FederatedLightningModule
 
@@ -32,14 +35,15 @@ def quiet_irrelevant_warnings() -> None:
 
 class FederatedCLI(LightningCLI):
     """LightningCLI for :class:`FederatedLightningModule` and :class:`FederatedDataModule`, with a
-    CSVLogger under ``logs/`` and :class:`GracefulInterrupt` by default."""
+    CSVLogger under ``logs/``, :class:`GracefulInterrupt`, the W&B dashboard set-up, per-layer density and the
+    federated progress bar (round, density, bits) by default."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         quiet_irrelevant_warnings()
         trainer_defaults: dict[str, Any] = {
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
             # Ctrl-C finishes the current local step, so any checkpoint written on the way out resumes exactly
-            "callbacks": [GracefulInterrupt()],
+            "callbacks": [GracefulInterrupt(), WandbFederatedMetrics(), LayerDensity()],
         }
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
         super().__init__(
@@ -52,6 +56,9 @@ class FederatedCLI(LightningCLI):
             trainer_defaults=trainer_defaults,
             **kwargs,
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        return use_federated_progress_bar(super().instantiate_trainer(**kwargs))
 
 
 def main(args: Any = None) -> FederatedCLI:

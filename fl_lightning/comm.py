@@ -46,7 +46,7 @@ def count_nonzero(tensors: Mapping[str, Tensor], *, stacked: bool) -> tuple[Tens
     dims = (lambda t: tuple(range(1, t.dim()))) if stacked else (lambda t: tuple(range(t.dim())))
     nnz = sum(torch.count_nonzero(t, dim=dims(t)) if t.dim() > int(stacked) else (t != 0).long()
               for t in tensors.values())
-    d = sum((t[0] if stacked else t).numel() for t in tensors.values())
+    d = sum((t.shape[1:].numel() if stacked else t.numel()) for t in tensors.values())
     return torch.as_tensor(nnz), d
 
 

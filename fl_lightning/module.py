@@ -96,8 +96,13 @@ class FederatedLightningModule(LightningModule):
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
         self.save_hyperparameters(ignore=["client_model", "loss", "algorithm"])
-        self.hparams["loss"] = loss if isinstance(loss, str) or loss is None else getattr(loss, "__name__", "custom")
-        self.hparams["algorithm"] = None if algorithm is None else algorithm.describe()
+        # a second call merges into hparams *and* hparams_initial (what the loggers write); callbacks composed
+        # by hand are described by the dashboard callback instead
+        loss_name = loss if isinstance(loss, str) or loss is None else getattr(loss, "__name__", "custom")
+        extra: dict[str, Any] = {"loss": loss_name}
+        if algorithm is not None:
+            extra["algorithm"] = algorithm.describe()
+        self.save_hyperparameters(extra)
         self.automatic_optimization = False
 
         self.lr = float(lr)
@@ -180,7 +185,8 @@ class FederatedLightningModule(LightningModule):
         if len(schedules) > 1:
             raise ValueError(f"got {len(schedules)} SkipSchedule callbacks; keep exactly one")
         self.schedule = schedules[0] if schedules else None
-        others = [type(cb).__name__ for cb in self.federated_callbacks if not isinstance(cb, SkipSchedule)]
+        others = [type(cb).__name__ for cb in self.federated_callbacks
+                  if not isinstance(cb, SkipSchedule) and getattr(cb, "requires_schedule", True)]
         if self.schedule is None and others:
             raise ValueError(f"{', '.join(others)} need a communication schedule: add a SkipSchedule callback")
         if self.schedule is None and stage == "fit":

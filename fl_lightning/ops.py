@@ -80,7 +80,8 @@ def _check_stacked(tensors: Mapping[str, Tensor], stacked: bool) -> int | None:
 
 def _as_rows(t: Tensor, stacked: bool) -> Tensor:
     """View ``t`` as ``[n, d]`` (one row per client; a single row when not stacked)."""
-    return t.reshape(t.shape[0], -1) if stacked else t.reshape(1, -1)
+    # explicit row length: ``-1`` cannot be inferred when there are zero clients (an idle rank's shard)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])) if stacked else t.reshape(1, -1)
 
 
 def _magnitudes(rows: Tensor) -> Tensor:

@@ -40,7 +40,6 @@ from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
@@ -152,7 +151,7 @@ class FederatedDDPStrategy(DDPStrategy):
         before the ranks were known (``num_clients=...``) keeps its own block of them."""
         global_model = getattr(module, "global_model", None)
         if isinstance(global_model, nn.Module):
-            _sync_module_states(global_model)
+            self._broadcast_module(global_model)
         clients = getattr(module, "clients", None)
         if clients is None or not hasattr(module, "_init_clients"):
             return
@@ -164,13 +163,24 @@ class FederatedDDPStrategy(DDPStrategy):
                 f"the module holds {len(module.client_ids)} of {n} clients, laid out for another number of "
                 "processes; load the full state from a checkpoint instead"
             )
-        _sync_module_states(clients)  # all n clients, same shapes on every rank
+        self._broadcast_module(clients)  # all n clients, same shapes on every rank
         state = {_CLIENTS + k: v for k, v in clients.state_dict().items()}
         module.clients = None
         module._init_clients(n)
         module.clients.allocate_from_state_dict(state, _CLIENTS)
         module._select_shard(state)
         module.clients.load_state_dict({k[len(_CLIENTS):]: v for k, v in state.items()})
+
+    def _broadcast_module(self, module: nn.Module) -> None:
+        """Rank 0's parameters and buffers, in place on every rank. The module has not been moved to its device
+        yet, so the tensors travel through ``root_device`` (NCCL cannot broadcast CPU tensors)."""
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                wire = tensor.detach().to(self.root_device)
+                if wire.dtype == torch.bool:
+                    wire = wire.to(torch.uint8)
+                dist.broadcast(wire, src=0)
+                tensor.copy_(wire.to(tensor.device, tensor.dtype))
 
     @override
     def setup(self, trainer: Trainer) -> None:

@@ -154,20 +154,24 @@ class FederatedDataModule(LightningDataModule):
             load_dataset(self.dataset, self.data_dir, **self.dataset_args)
 
     def setup(self, stage: str | None = None) -> None:
+        from fl_lightning.progress import stage as progress_stage
+
         if self.seed is None:
             self.seed = derive_seed("data") % (2**31)
         if self.data is None:
-            self.data = load_dataset(self.dataset, self.data_dir, **self.dataset_args)
+            with progress_stage(f"loading {self.dataset}"):
+                self.data = load_dataset(self.dataset, self.data_dir, **self.dataset_args)
         if self.client_indices is None:
             from fl_lightning.data.partition import partition
 
             labels = self.data.train_y.numpy() if self.data.num_classes is not None else None
             if labels is None:
                 labels = np.zeros(len(self.data.train_y), dtype=np.int64)
-            self.client_indices = partition(
-                self.partition, labels, self._num_clients, seed=self.seed,
-                groups=self.data.train_groups, **self.partition_args,
-            )
+            with progress_stage(f"partitioning into {self._num_clients} clients ({self.partition})"):
+                self.client_indices = partition(
+                    self.partition, labels, self._num_clients, seed=self.seed,
+                    groups=self.data.train_groups, **self.partition_args,
+                )
         self._validate_clients()
 
     def _validate_clients(self) -> None:

@@ -178,7 +178,9 @@ def fake_server(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, bytes]],
             name = url.rsplit("/", 1)[-1]
             if name not in files:
                 raise urllib.error.URLError("404 not found")
-            return io.BytesIO(files[name])
+            response = io.BytesIO(files[name])  # like http.client.HTTPResponse: a stream with headers
+            response.headers = {"Content-Length": str(len(files[name]))}  # type: ignore[attr-defined]
+            return response
 
         monkeypatch.setattr(urllib.request, "urlopen", urlopen)
         return requests

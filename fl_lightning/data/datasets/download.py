@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fl_lightning.progress import byte_progress
+
 _CHUNK = 1 << 20
 USER_AGENT = "fl-lightning-dataset-downloader"
 
@@ -67,9 +69,11 @@ def download_url(
     hashes = {name: hashlib.new(name) for name, want in (("md5", md5), ("sha256", sha256)) if want}
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out, byte_progress(
+                dest.name, total=int(response.headers.get("Content-Length") or 0) or None) as bar:
             while chunk := response.read(_CHUNK):
                 out.write(chunk)
+                bar.update(len(chunk))
                 for h in hashes.values():
                     h.update(chunk)
     except (OSError, http.client.HTTPException, ValueError) as err:  # URLError, timeouts, bad URL, short reads

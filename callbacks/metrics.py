@@ -1,0 +1,160 @@
+"""Metric callbacks: per-layer density of the global model, and a W&B dashboard for federated runs.
+
+- :class:`LayerDensity` adds ``sparsity/layer/<parameter>`` (the fraction of non-zeros of each tensor of the
+  global model) to ``module.round_metrics`` after every round; the module logs them with the other round
+  metrics on logging steps, so CSV, TensorBoard and W&B all get them.
+- :class:`WandbFederatedMetrics` does nothing unless the Trainer has a
+  :class:`~lightning.pytorch.loggers.WandbLogger`; then, at ``setup``, it declares which metrics W&B plots
+  against communication rounds (``wandb.define_metric``), names the run after the algorithm preset
+  (``sparse_proxskip-d0.1-p0.2``) unless a name was given, and stores the resolved LightningCLI config with
+  the run (in ``wandb.config`` and as the file ``lightning_config.yaml``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from fl_lightning.callbacks.base import FederatedCallback
+from fl_lightning.loggers import cli_config, find_wandb_logger, run_name
+from fl_lightning.ops import density, prunable
+
+if TYPE_CHECKING:
+    from fl_lightning.module import FederatedLightningModule
+    from fl_lightning.round import Round
+
+#: Metrics that describe the global model after a round: W&B plots them against ``comm/rounds`` by default.
+ROUND_METRICS: tuple[str, ...] = (
+    "val/acc", "val/loss", "sparsity/density", "sparsity/client_density", "cv/sum_norm",
+)
+#: Possible x-axes, logged in the same rows as every per-step metric (any W&B panel can switch to them).
+AXES: tuple[str, ...] = ("comm/rounds", "comm/bits_up", "comm/bits_down")
+#: Where the resolved CLI config lands in the W&B run's files (W&B reserves ``config.yaml`` for its own).
+CONFIG_FILE = "lightning_config.yaml"
+
+
+def algorithm_of(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
+    """The run's algorithm: the preset's ``describe()`` dict (``module.hparams["algorithm"]``); for callbacks
+    given to the Trainer by hand, ``{"name": "custom", "p": ..., "density": ...}`` read from its
+    :class:`~fl_lightning.callbacks.SkipSchedule` and :class:`~fl_lightning.callbacks.TopKPruning`; else None."""
+    from fl_lightning.callbacks.pruning import TopKPruning
+    from fl_lightning.callbacks.schedule import SkipSchedule
+
+    algorithm = pl_module.hparams.get("algorithm")
+    if algorithm:
+        return dict(algorithm)
+    described: dict[str, Any] = {}
+    for cb in trainer.callbacks:
+        if isinstance(cb, SkipSchedule):
+            described.setdefault("p", cb.p)
+        elif isinstance(cb, TopKPruning):
+            described.setdefault("density", cb.density)
+    return {"name": "custom", **described} if described else None
+
+
+class LayerDensity(FederatedCallback):
+    """Log the density (fraction of non-zeros) of every pruned tensor of the global model after each round,
+    as ``sparsity/layer/<parameter name>``.
+
+    Computed on the module's device without a host synchronisation (one ``count_nonzero`` per tensor per
+    round) and handed to the loggers through ``module.round_metrics``, i.e. written on logging steps only.
+
+    Args:
+        params: ``"weights"`` (default): the tensors TopK prunes by default (weights of Linear/Conv layers,
+            see :func:`fl_lightning.ops.prunable`); ``"all"``: every parameter, biases and norms included.
+    """
+
+    #: Logging only: it needs no communication schedule (without one there are no rounds to report).
+    requires_schedule: ClassVar[bool] = False
+
+    def __init__(self, params: Literal["weights", "all"] = "weights") -> None:
+        if params not in ("weights", "all"):
+            raise ValueError(f"params must be 'weights' or 'all', got {params!r}")
+        self.params = params
+        self.names: list[str] = []
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        first = next(cb for cb in trainer.callbacks if isinstance(cb, LayerDensity))
+        if first is not self:  # given twice (CLI default and a config): the first one does the work
+            self.names = []
+            return
+        self.names = prunable(pl_module.global_model.named_parameters(), include=self.params, stacked=False)
+
+    @override
+    def on_round_end(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        params = dict(module.global_model.named_parameters())
+        for name in self.names:
+            module.round_metrics[f"sparsity/layer/{name}"] = density({name: params[name]}, stacked=False)
+
+
+class WandbFederatedMetrics(Callback):
+    """A W&B dashboard for federated runs; a no-op without a WandbLogger (safe to add to every run).
+
+    At ``setup``, on the first :class:`~lightning.pytorch.loggers.WandbLogger` of the Trainer (works in
+    offline mode, ``WANDB_MODE=offline``):
+
+    - ``define_metric``: ``comm/rounds``, ``comm/bits_up`` and ``comm/bits_down`` are declared as axes, and
+      accuracy, loss, density (also per layer) and ``cv/sum_norm`` are plotted against ``comm/rounds`` by
+      default (``step_metric``), with ``val/acc``'s best value (max) and ``val/loss``'s (min) in the run
+      summary. Train metrics keep Lightning's x-axis, ``trainer/global_step``. All of them are logged in the
+      same rows as the ``comm/*`` counters, so any panel can switch its x-axis to bits or steps.
+    - the run name: ``run_name(module.hparams["algorithm"])``, e.g. ``sparse_proxskip-d0.1-p0.2``, unless the
+      logger was given a ``name`` (callbacks composed by hand give ``custom-d0.1-p0.2``, see :func:`algorithm_of`).
+    - the config: the resolved LightningCLI config (when the run comes from a LightningCLI) is merged into
+      ``wandb.config`` (keys ``model``, ``data``, ``trainer``, ...) and written to the run's files as
+      ``lightning_config.yaml``; the preset's hyper-parameters go to ``wandb.config["algorithm"]``.
+
+    Args:
+        x_axis: the default x-axis of the round metrics (``comm/rounds``, or ``comm/bits_up``).
+        name_runs: name unnamed runs after the preset.
+        log_config: store the resolved CLI config with the run.
+    """
+
+    def __init__(self, x_axis: str = "comm/rounds", name_runs: bool = True, log_config: bool = True) -> None:
+        if x_axis not in AXES:
+            raise ValueError(f"x_axis must be one of {AXES}, got {x_axis!r}")
+        self.x_axis = x_axis
+        self.name_runs = name_runs
+        self.log_config = log_config
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        logger = find_wandb_logger(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        first = next(cb for cb in trainer.callbacks if isinstance(cb, WandbFederatedMetrics))
+        if first is not self:  # given twice (CLI default and a config): the first one does the work
+            return
+        run = logger.experiment
+        self.define_metrics(run, self.round_metric_names(trainer, pl_module))
+        algorithm = algorithm_of(trainer, pl_module)
+        if self.name_runs and not run.settings.run_name:
+            run.name = run_name(algorithm)
+        if self.log_config:
+            config = cli_config(trainer) or {}
+            run.config.update({**config, "algorithm": algorithm}, allow_val_change=True)
+            if config:
+                Path(run.dir, CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def round_metric_names(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
+        """The metrics plotted against :attr:`x_axis`: :data:`ROUND_METRICS` and the per-layer densities."""
+        names = list(ROUND_METRICS)
+        for cb in trainer.callbacks:
+            if isinstance(cb, LayerDensity):
+                layers = prunable(pl_module.global_model.named_parameters(), include=cb.params, stacked=False)
+                names += [f"sparsity/layer/{n}" for n in layers]
+        return list(dict.fromkeys(names))
+
+    def define_metrics(self, run: Any, names: list[str]) -> None:
+        """``run.define_metric`` for the axes and the round metrics ``names``."""
+        for axis in AXES:
+            run.define_metric(axis)
+        summaries = {"val/acc": "max", "val/loss": "min"}
+        for name in names:
+            run.define_metric(name, step_metric=self.x_axis, summary=summaries.get(name))
+        run.define_metric("sparsity/layer/*", step_metric=self.x_axis)
