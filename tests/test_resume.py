@@ -258,6 +258,28 @@ def test_interrupted_run_leaves_a_checkpoint_that_resumes_to_the_same_final_stat
     assert_identical(reference, {k: v.clone() for k, v in resumed.state_dict().items()})
 
 
+Factory = Callable[[], tuple[FederatedLightningModule, FederatedDataModule, list[Callback]]]
+
+
+def run_checkpointing_every_step(factory: Factory, tmp_path: Path, steps: int = 6) -> tuple[L.Trainer, Any, Any]:
+    """An uninterrupted reference run that writes ``step=<k>.ckpt`` after every step."""
+    L.seed_everything(SEED)
+    module, dm, callbacks = factory()
+    every_step = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = make_trainer(steps, [*callbacks, every_step], enable_checkpointing=True)
+    trainer.fit(module, datamodule=dm)
+    return trainer, module, dm
+
+
+def resume_with_other_seed(factory: Factory, ckpt: Path, steps: int = 6) -> tuple[L.Trainer, Any, Any]:
+    """Fresh objects, another global seed, resumed from ``ckpt``."""
+    L.seed_everything(OTHER_SEED)
+    module, dm, callbacks = factory()
+    trainer = make_trainer(steps, callbacks)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    return trainer, module, dm
+
+
 def test_resume_restores_a_seed_dependent_partition_and_its_client_weights(tmp_path: Path) -> None:
     """A Dirichlet partition drawn from the derived data seed, and w_i ∝ |D_i|: at resume time the
     datamodule first re-partitions with a seed derived from the *new* global seed, then the checkpoint
@@ -268,19 +290,10 @@ def test_resume_restores_a_seed_dependent_partition_and_its_client_weights(tmp_p
                                  partition_args={"alpha": 0.5}, batch_size=8, client_weighting="num_samples")
         return FederatedLightningModule(nn.Linear(64, 10), lr=0.05, loss="cross_entropy"), dm, proxskip(p=0.3)
 
-    L.seed_everything(SEED)
-    module, dm, callbacks = digits()
-    every_step = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1)
-    trainer = make_trainer(6, [*callbacks, every_step], enable_checkpointing=True)
-    trainer.fit(module, datamodule=dm)
-    reference = snapshot(trainer, module, dm)
-
-    L.seed_everything(OTHER_SEED)
-    resumed, dm2, callbacks2 = digits()
-    trainer2 = make_trainer(6, callbacks2)
-    trainer2.fit(resumed, datamodule=dm2, ckpt_path=tmp_path / "step=3.ckpt")
+    trainer, module, dm = run_checkpointing_every_step(digits, tmp_path)
+    trainer2, resumed, dm2 = resume_with_other_seed(digits, tmp_path / "step=3.ckpt")
     assert torch.equal(resumed.client_weights, module.client_weights)
-    assert_identical(reference, snapshot(trainer2, resumed, dm2))
+    assert_identical(snapshot(trainer, module, dm), snapshot(trainer2, resumed, dm2))
 
 
 @settings(derandomize=True, deadline=None, max_examples=40)
@@ -343,15 +356,6 @@ def test_resume_with_auto_vectorize_falls_back_like_the_first_run(tmp_path: Path
         module = FederatedLightningModule(_DataDependentBranch().double(), lr=0.01, loss="mse", vectorize="auto")
         return module, FederatedDataModule.from_client_tensors(PROBLEM.clients, batch_size=BATCH), proxskip(p=0.3)
 
-    L.seed_everything(SEED)
-    module, dm, callbacks = branchy()
-    every_step = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1)
-    trainer = make_trainer(6, [*callbacks, every_step], enable_checkpointing=True)
-    trainer.fit(module, datamodule=dm)
-    reference = snapshot(trainer, module, dm)
-
-    L.seed_everything(OTHER_SEED)
-    resumed, dm2, callbacks2 = branchy()
-    trainer2 = make_trainer(6, callbacks2)
-    trainer2.fit(resumed, datamodule=dm2, ckpt_path=tmp_path / "step=3.ckpt")
-    assert_identical(reference, snapshot(trainer2, resumed, dm2))
+    trainer, module, dm = run_checkpointing_every_step(branchy, tmp_path)
+    trainer2, resumed, dm2 = resume_with_other_seed(branchy, tmp_path / "step=3.ckpt")
+    assert_identical(snapshot(trainer, module, dm), snapshot(trainer2, resumed, dm2))
