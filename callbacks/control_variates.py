@@ -93,7 +93,7 @@ class ControlVariates(FederatedCallback):
         scale = 1.0 / self._p_over_gamma(module)
         for k in rnd.uplink:
             hk = h[k] if rnd.clients is None else h[k][rnd.clients]
-            rnd.uplink[k] = rnd.uplink[k] - scale * hk
+            rnd.uplink[k] = torch.add(rnd.uplink[k], hk, alpha=-scale)  # one temporary, not two
 
     @override
     def on_receive(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
@@ -101,11 +101,10 @@ class ControlVariates(FederatedCallback):
         ref = rnd.mean if self.reference == "mean" else rnd.broadcast
         scale = self._p_over_gamma(module)
         for k, hk in h.items():
-            delta = scale * (ref[k].unsqueeze(0) - rnd.local[k])
-            if rnd.clients is None:
-                hk.add_(delta)
+            if rnd.clients is None:  # in place: no [n, ...] temporaries
+                hk.sub_(rnd.local[k], alpha=scale).add_(ref[k].unsqueeze(0), alpha=scale)
             else:
-                hk.index_add_(0, rnd.clients, delta)
+                hk.index_add_(0, rnd.clients, torch.sub(ref[k].unsqueeze(0), rnd.local[k]), alpha=scale)
 
     @override
     def on_round_end(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:

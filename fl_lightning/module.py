@@ -260,10 +260,26 @@ class FederatedLightningModule(LightningModule):
         self._active_global = torch.tensor([ids[r] for r in rows], device=self.device, dtype=torch.long)
 
     def _client_slice(self, tensors: TensorGroup, start: int, end: int) -> Tensors:
-        if self.active_clients is None:
-            return {k: v[start:end] for k, v in tensors.items()}
+        if self.active_clients is None:  # the whole stack is not sliced: a slice's backward zero-fills [n, ...]
+            return {k: v if start == 0 and end == v.shape[0] else v[start:end] for k, v in tensors.items()}
         idx = self.active_clients[start:end]
         return {k: v[idx] for k, v in tensors.items()}
+
+    def _add_leaf_grads(self, leaves: Tensors, rows: Tensor | slice) -> None:
+        """x.grad[rows] += the gradients autograd left on ``leaves`` (detached copies or views of those rows).
+
+        Running a client (chunk) on leaves rather than on slices of the stacked parameters keeps the backward
+        from building a zero-filled full-size [n, ...] gradient for every client (chunk): O(n·d), not O(n²·d)."""
+        for k, x in self.ensure_clients().x.items():
+            if x.grad is None:
+                x.grad = torch.zeros_like(x)
+            g = leaves[k].grad
+            if g is None:
+                continue
+            if isinstance(rows, slice):
+                x.grad[rows].add_(g)
+            else:
+                x.grad.index_add_(0, rows, g)
 
     def _transformed(self, params: Tensors) -> Tensors:
         for cb in self.federated_callbacks:
@@ -277,13 +293,20 @@ class FederatedLightningModule(LightningModule):
 
     def _vectorized_backward(self, batch: ClientBatch) -> tuple[Tensor, dict[str, Tensor]]:
         clients = self.ensure_clients()
+        chunks = list(self._chunks(len(batch)))
         losses, logs = [], []
-        for s, e in self._chunks(len(batch)):
-            params = self._transformed(self._client_slice(clients.x, s, e))
+        for s, e in chunks:
+            stacked = self._client_slice(clients.x, s, e)
+            if len(chunks) > 1:
+                stacked = {k: v.detach().requires_grad_() for k, v in stacked.items()}
+            params = self._transformed(stacked)
             buffers = self._client_slice(clients.model_buffers, s, e)
             sub = ClientBatch(batch.inputs[s:e], batch.targets[s:e], None if batch.mask is None else batch.mask[s:e])
             loss, logged = self.objective.vectorized(params, buffers, sub)
             self.manual_backward(loss.sum())
+            if len(chunks) > 1:
+                rows = slice(s, e) if self.active_clients is None else self.active_clients[s:e]
+                self._add_leaf_grads(stacked, rows)
             losses.append(loss.detach())
             logs.append(logged)
         return torch.cat(losses), {k: torch.cat([lg[k] for lg in logs]) for k in logs[0]}
@@ -293,12 +316,13 @@ class FederatedLightningModule(LightningModule):
         rows = self.active_clients.tolist() if self.active_clients is not None else range(clients.num_clients)
         losses, logs = [], []
         for j, cid in enumerate(rows):
-            params = {k: v[0] for k, v in self._transformed(
-                {k: p[cid : cid + 1] for k, p in clients.x.items()}).items()}
+            leaves = {k: p[cid : cid + 1].detach().requires_grad_() for k, p in clients.x.items()}
+            params = {k: v[0] for k, v in self._transformed(leaves).items()}
             buffers = {k: b[cid] for k, b in clients.model_buffers.items()}  # views: BatchNorm updates in place
             x, y = batch.client(j)
             loss, logged = self.objective.single(params, buffers, x, y)
             self.manual_backward(loss)
+            self._add_leaf_grads(leaves, slice(cid, cid + 1))
             losses.append(loss.detach())
             logs.append(logged)
         return torch.stack(losses), {k: torch.stack([lg[k] for lg in logs]) for k in logs[0]}
@@ -405,7 +429,7 @@ class FederatedLightningModule(LightningModule):
         local = {k: (x if idx is None else x[idx]).detach() for k, x in clients.x.items()}
         rnd = Round(self.round_index, self.global_step, idx, weights, local, {})
         self._call("on_before_uplink", rnd)
-        rnd.uplink = {k: v.clone() for k, v in rnd.local.items()}
+        rnd.uplink = dict(rnd.local)  # hooks replace entries (see Round), so no copy of every x̂_i is needed
         self._call("on_uplink", rnd)
         self._call("on_compress_uplink", rnd)
         if rnd.uplink_bits is not None:

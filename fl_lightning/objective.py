@@ -18,6 +18,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from fl_lightning.batched import FeatureMajorLinear, compile_stacked, stacked_losses
 from fl_lightning.losses import Loss
 
 
@@ -92,6 +93,8 @@ class LocalObjective:
             # Instance attribute shadows LightningModule.log: the template is our private copy.
             template.log = self.recorder.log  # type: ignore[method-assign]
         self._step_call = _TrainingStepCall(template) if self.uses_training_step else None
+        # Fully connected models skip vmap: one baddbmm per layer (fl_lightning/batched.py)
+        self._stacked = None if self.uses_training_step else compile_stacked(template)
 
     @property
     def supports_padding(self) -> bool:
@@ -115,10 +118,14 @@ class LocalObjective:
         """Losses [c] (and logged values [c] each) for all clients of the batch in one vmapped call."""
         if batch.mask is not None and not self.supports_padding:
             raise RuntimeError("padded batches need a built-in loss; use the sequential path")
+        if self._stacked is not None and not buffers and self._stacked.accepts(batch.inputs):
+            assert self.loss is not None
+            return stacked_losses(self.loss, self._stacked(params, batch.inputs), batch.targets, batch.mask), {}
         in_dims = (0, 0, 0, 0, None if batch.mask is None else 0)
         fn = vmap(self._call, in_dims=in_dims, randomness="different")
         self.recorder.pop()
-        return fn(dict(params), dict(buffers), batch.inputs, batch.targets, batch.mask)
+        with FeatureMajorLinear():  # contiguous nn.Linear weight gradients: autograd does not copy them
+            return fn(dict(params), dict(buffers), batch.inputs, batch.targets, batch.mask)
 
     def single(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,
                y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -258,7 +258,9 @@ class FederatedDataModule(LightningDataModule):
                 u = u[clients]
             pos = torch.minimum((u * cnt.unsqueeze(1)).long(), (cnt - 1).unsqueeze(1))
             idx = rows.gather(1, pos)
-        x, y = x_all[idx], y_all[idx]
+        flat = idx.reshape(-1)  # index_select: about 2x faster than x_all[idx] on the CPU
+        x = x_all.index_select(0, flat).view(*idx.shape, *x_all.shape[1:])
+        y = y_all.index_select(0, flat).view(*idx.shape, *y_all.shape[1:])
         if x.is_floating_point():
             x = x.to(dtype)
         if y.is_floating_point():

@@ -139,8 +139,15 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(spec_file: str) -> None:
     quiet_irrelevant_warnings()
-    for spec in json.loads(Path(spec_file).read_text()):
-        run(spec)
+    try:
+        for spec in json.loads(Path(spec_file).read_text()):
+            run(spec)
+    finally:
+        # Lightning keeps the process group for later fits; tearing it down before the interpreter exits keeps
+        # gloo's threads from being destroyed while still running ("terminate called without an active exception")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
