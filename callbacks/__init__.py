@@ -11,6 +11,7 @@ from fl_lightning.callbacks.prox import L1Prox
 from fl_lightning.callbacks.pruning import TopKPruning
 from fl_lightning.callbacks.sampling import ClientSampling
 from fl_lightning.callbacks.schedule import SkipSchedule
+from fl_lightning.callbacks.summary import RunSummary
 
 __all__ = [
     "ClientSampling",
@@ -23,6 +24,7 @@ __all__ = [
     "GracefulInterrupt",
     "L1Prox",
     "LayerDensity",
+    "RunSummary",
     "SkipSchedule",
     "TopKPruning",
     "WandbFederatedMetrics",

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from fl_lightning.callbacks.interrupt import GracefulInterrupt
 from fl_lightning.callbacks.metrics import LayerDensity, WandbFederatedMetrics
 from fl_lightning.callbacks.progress import use_federated_progress_bar
+from fl_lightning.callbacks.summary import RunSummary
 from fl_lightning.data.datamodule import FederatedDataModule
 from fl_lightning.module import FederatedLightningModule
 
@@ -36,14 +37,14 @@ def quiet_irrelevant_warnings() -> None:
 class FederatedCLI(LightningCLI):
     """LightningCLI for :class:`FederatedLightningModule` and :class:`FederatedDataModule`, with a
     CSVLogger under ``logs/``, :class:`GracefulInterrupt`, the W&B dashboard set-up, per-layer density and the
-    federated progress bar (round, density, bits) by default."""
+    federated progress bar (round, density, bits) and the one-line :class:`RunSummary` by default."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         quiet_irrelevant_warnings()
         trainer_defaults: dict[str, Any] = {
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
             # Ctrl-C finishes the current local step, so any checkpoint written on the way out resumes exactly
-            "callbacks": [GracefulInterrupt(), WandbFederatedMetrics(), LayerDensity()],
+            "callbacks": [GracefulInterrupt(), WandbFederatedMetrics(), LayerDensity(), RunSummary()],
         }
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
         super().__init__(

@@ -132,6 +132,7 @@ class FederatedLightningModule(LightningModule):
         self._vectorized: bool | None = None
         self._vmap_proven = False  # "auto": a vectorised step has run in this process
         self.round_metrics: dict[str, Tensor] = {}
+        self.final_metrics: dict[str, float] = {}  # the run's result, set when training ends
         self.federated_callbacks: list[FederatedCallback] = []
         self.schedule: SkipSchedule | None = None
         if num_clients is not None:
@@ -404,15 +405,15 @@ class FederatedLightningModule(LightningModule):
         return local[self.active_clients] / total
 
     def on_train_end(self) -> None:
-        """Write the final state to the loggers whatever ``log_every_n_steps`` is: counters, round metrics and
-        the global model's held-out metrics (so a run's last logged row is its result)."""
-        if not self.loggers:
-            return
+        """Record the run's result in ``final_metrics`` and write it to the loggers whatever
+        ``log_every_n_steps`` is: counters, round metrics and the global model's held-out metrics (so a run's
+        last logged row is its result)."""
         metrics = {"comm/rounds": self.comm.rounds.float(), "comm/bits_up": self.comm.bits_up,
                    "comm/bits_down": self.comm.bits_down, **self.round_metrics}
         if self._datamodule().has_eval_data:
             metrics.update(self.evaluate_global())
         values = {k: float(v) for k, v in metrics.items()}
+        self.final_metrics = values
         for logger in self.loggers:
             logger.log_metrics(values, step=max(self.global_step - 1, 0))
             logger.save()
