@@ -23,7 +23,7 @@ import fl_lightning.strategy  # noqa: F401  (registers Trainer(strategy="federat
 from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.callbacks.schedule import SkipSchedule
 from fl_lightning.clients import ClientState, TensorGroup
-from fl_lightning.comm import ENCODINGS, CommCounter, Encoding, message_bits
+from fl_lightning.comm import ENCODINGS, CommCounter, Encoding, count_nonzero, encoded_bits, message_bits
 from fl_lightning.losses import LossCallable, resolve_loss
 from fl_lightning.objective import ClientBatch, LocalObjective
 from fl_lightning.ops import density
@@ -433,10 +433,16 @@ class FederatedLightningModule(LightningModule):
         rnd.uplink = dict(rnd.local)  # hooks replace entries (see Round), so no copy of every x̂_i is needed
         self._call("on_uplink", rnd)
         self._call("on_compress_uplink", rnd)
+        # non-zeros of every x̂_i (one pass over the stacked models), for the clients' density and, when no hook
+        # changed the uplink (u_i = x̂_i, as when clients prune), for its bits too
+        idle = len(weights) == 0  # none of this process's clients is in the cohort
+        local_nnz, d = (weights.new_zeros(0), 1) if idle else count_nonzero(rnd.local, stacked=True)
         if rnd.uplink_bits is not None:
             up_bits = rnd.uplink_bits
-        elif len(weights) == 0:  # none of this process's clients is in the cohort
+        elif idle:
             up_bits = torch.zeros(0, dtype=torch.float64, device=weights.device)
+        elif all(rnd.uplink[k] is v for k, v in rnd.local.items()):
+            up_bits = encoded_bits(local_nnz, d, self.encoding)
         else:
             up_bits = message_bits(rnd.uplink, self.encoding, stacked=True)
         rnd.mean = {k: self._reduce(torch.tensordot(weights.to(u.dtype), u, dims=1)) for k, u in rnd.uplink.items()}
@@ -449,9 +455,8 @@ class FederatedLightningModule(LightningModule):
             rnd.broadcast, self.encoding, stacked=False) * receivers
         rnd.received = dict(rnd.broadcast)
         self._call("on_receive", rnd)
-        local_density = self._reduce(  # before x_i changes
-            torch.dot(weights.float(), density(rnd.local, stacked=True)) if len(weights)
-            else torch.zeros((), device=weights.device))
+        local_density = self._reduce(  # Σ_i w_i nnz(x̂_i) / d
+            torch.zeros((), device=weights.device) if idle else torch.dot(weights.float(), local_nnz.float() / d))
 
         global_params = dict(self.global_model.named_parameters())
         for k, x in clients.x.items():
