@@ -6,7 +6,7 @@
 - :class:`WandbFederatedMetrics` does nothing unless the Trainer has a
   :class:`~lightning.pytorch.loggers.WandbLogger`; then, at ``setup``, it declares which metrics W&B plots
   against communication rounds (``wandb.define_metric``), names the run after the algorithm preset
-  (``sparse_proxskip-d0.1-p0.2``) unless a name was given, and stores the resolved LightningCLI config with
+  (``sparse_proxskip-d0.1-p0.2``, after a name given to the logger), and stores the resolved LightningCLI config with
   the run (in ``wandb.config`` and as the file ``lightning_config.yaml``).
 """
 
@@ -103,15 +103,18 @@ class WandbFederatedMetrics(Callback):
       default (``step_metric``), with ``val/acc``'s best value (max) and ``val/loss``'s (min) in the run
       summary. Train metrics keep Lightning's x-axis, ``trainer/global_step``. All of them are logged in the
       same rows as the ``comm/*`` counters, so any panel can switch its x-axis to bits or steps.
-    - the run name: ``run_name(module.hparams["algorithm"])``, e.g. ``sparse_proxskip-d0.1-p0.2``, unless the
-      logger was given a ``name`` (callbacks composed by hand give ``custom-d0.1-p0.2``, see :func:`algorithm_of`).
+    - the run name says the preset, density and p: ``run_name(module.hparams["algorithm"])``, e.g.
+      ``sparse_proxskip-d0.1-p0.2`` (callbacks composed by hand give ``custom-d0.1-p0.2``, see
+      :func:`algorithm_of`). A name the logger was given comes first: ``--trainer.logger WandbLogger`` on the
+      quickstart keeps the CSV logger's ``name: quickstart`` and gives ``quickstart-proxskip-p0.2``
+      (see :meth:`run_display_name`); ``name_runs=False`` leaves names alone.
     - the config: the resolved LightningCLI config (when the run comes from a LightningCLI) is merged into
       ``wandb.config`` (keys ``model``, ``data``, ``trainer``, ...) and written to the run's files as
       ``lightning_config.yaml``; the preset's hyper-parameters go to ``wandb.config["algorithm"]``.
 
     Args:
         x_axis: the default x-axis of the round metrics (``comm/rounds``, or ``comm/bits_up``).
-        name_runs: name unnamed runs after the preset.
+        name_runs: put the preset and its hyper-parameters in the run name.
         log_config: store the resolved CLI config with the run.
     """
 
@@ -133,13 +136,25 @@ class WandbFederatedMetrics(Callback):
         run = logger.experiment
         self.define_metrics(run, self.round_metric_names(trainer, pl_module))
         algorithm = algorithm_of(trainer, pl_module)
-        if self.name_runs and not run.settings.run_name:
-            run.name = run_name(algorithm)
+        if self.name_runs:
+            run.name = self.run_display_name(run.settings.run_name, algorithm)
         if self.log_config:
             config = cli_config(trainer) or {}
             run.config.update({**config, "algorithm": algorithm}, allow_val_change=True)
             if config:
                 Path(run.dir, CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+
+    @staticmethod
+    def run_display_name(given: str | None, algorithm: dict[str, Any] | None) -> str:
+        """The W&B run name: ``run_name(algorithm)`` (``sparse_proxskip-d0.1-p0.2``) for an unnamed run; a
+        given name followed by it (``quickstart-proxskip-p0.2``) unless the name already says it; a given
+        name as it is when the run has no algorithm."""
+        preset = run_name(algorithm)
+        if not given:
+            return preset
+        if algorithm is None or preset in given:
+            return given
+        return f"{given}-{preset}"
 
     def round_metric_names(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
         """The metrics plotted against :attr:`x_axis`: :data:`ROUND_METRICS` and the per-layer densities."""

@@ -6,7 +6,8 @@ Runs are overlaid in three panels:
 
 1. accuracy against communication rounds (``val/acc``; ``val/loss`` when no run has an accuracy, then
    ``train/loss``),
-2. the same against cumulative uplink bits (``comm/bits_up``),
+2. the same against cumulative uplink bits (``comm/bits_up``), on a log scale by default (dense and sparse
+   runs differ by orders of magnitude), ticks labelled ``100 kb``, ``1 Mb``, ...,
 3. the density of the global model (``sparsity/density``) against communication rounds.
 
 The legend says each run's algorithm, density and p (``sparse_proxskip δ=0.1 p=0.2``), read from the
@@ -26,15 +27,17 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib as mpl
 import numpy as np
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from fl_lightning.loggers import algorithm_from_config, run_label
+from fl_lightning.progress import format_bits
 
 __all__ = ["Run", "find_runs", "load_run", "main", "plot_runs", "read_metrics", "series"]
 
@@ -50,6 +53,7 @@ _AXIS_LABELS = {
     "comm/rounds": "communication rounds", "comm/bits_up": "uplink bits (all clients, cumulative)",
     "sparsity/density": "density of the global model",
 }
+_TITLES = {"val/acc": "accuracy", "val/loss": "validation loss", "train/loss": "training loss"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -172,13 +176,17 @@ def _choose_y(runs: list[Run]) -> str:
 
 
 def plot_runs(paths: Sequence[str | Path] | str | Path, out: str | Path | None = None, *,
-              labels: Sequence[str] | None = None, title: str | None = None) -> Figure:
+              labels: Sequence[str] | None = None, title: str | None = None,
+              bits_scale: Literal["log", "linear"] = "log") -> Figure:
     """Overlay the runs at or below ``paths`` in three panels (see the module docstring); save to ``out``
     when given (any format matplotlib writes: png, pdf, svg) and return the Figure.
 
     Every panel's lines carry the run labels, in the order of ``paths``; ``labels`` (one per run found)
-    replaces the labels derived from the runs' configs.
+    replaces the labels derived from the runs' configs. ``bits_scale`` is the scale of the uplink-bits axis
+    (on the log scale, points at 0 bits, i.e. before the first round, are left out of that panel).
     """
+    if bits_scale not in ("log", "linear"):
+        raise ValueError(f"bits_scale must be 'log' or 'linear', got {bits_scale!r}")
     if isinstance(paths, (str, Path)):
         paths = [paths]
     runs = [load_run(p) for p in find_runs(paths)]
@@ -197,6 +205,8 @@ def plot_runs(paths: Sequence[str | Path] | str | Path, out: str | Path | None =
     for i, run in enumerate(runs):
         for ax, x, metric in panels:
             xs, ys = series(run.metrics, x, metric, drop_repeats=metric.startswith("val/"))
+            if x == "comm/bits_up" and bits_scale == "log":
+                xs, ys = xs[xs > 0], ys[xs > 0]
             if len(xs):
                 ax.plot(xs, ys, label=run.label, color=colors[i % len(colors)],
                         linestyle=_LINESTYLES[i % len(_LINESTYLES)],  # equal curves (density) stay visible
@@ -205,7 +215,13 @@ def plot_runs(paths: Sequence[str | Path] | str | Path, out: str | Path | None =
         ax.set_xlabel(_AXIS_LABELS.get(x, x))
         ax.set_ylabel(_AXIS_LABELS.get(metric, metric))
         ax.grid(alpha=0.3)
-    axes[1].ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    for ax, text in zip(axes, (f"{_TITLES.get(y, y)} vs rounds", f"{_TITLES.get(y, y)} vs uplink bits",
+                               "density vs rounds")):
+        ax.set_title(text, fontsize="medium")
+    if bits_scale == "log" and axes[1].has_data():
+        axes[1].set_xscale("log")
+        axes[1].grid(alpha=0.15, which="minor")
+    axes[1].xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bits(v)))
     if y == "val/acc":
         for ax in axes[:2]:
             ax.set_ylim(top=min(1.0, max(1e-9, ax.get_ylim()[1])))
@@ -236,9 +252,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                         help="legend entries, one per run found (default: from each run's config)")
     parser.add_argument("--title", default=None, help="a title above the panels")
+    parser.add_argument("--bits-scale", choices=("log", "linear"), default="log",
+                        help="scale of the uplink-bits axis (default: log)")
     args = parser.parse_args(argv)
     try:
-        plot_runs(args.log_dirs, out=args.out, labels=args.labels, title=args.title)
+        plot_runs(args.log_dirs, out=args.out, labels=args.labels, title=args.title, bits_scale=args.bits_scale)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(f"wrote {args.out}")

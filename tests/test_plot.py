@@ -62,6 +62,9 @@ def test_plot_runs_overlays_both_runs_with_their_csv_data(runs: tuple[Path, Path
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     acc_rounds, acc_bits, density = fig.axes[:3]
     assert acc_rounds.get_ylabel() == "validation accuracy" and acc_bits.get_xlabel().startswith("uplink bits")
+    assert acc_bits.get_xscale() == "log" and density.get_ylabel() == "density of the global model"
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["accuracy vs rounds", "accuracy vs uplink bits",
+                                                       "density vs rounds"]
     for ax in (acc_rounds, acc_bits, density):
         assert [line.get_label() for line in ax.get_lines()] == [DENSE_LABEL, SPARSE_LABEL]
     for i, path in enumerate((dense, sparse)):
@@ -97,6 +100,19 @@ def test_python_m_fl_lightning_plot_writes_the_png(runs: tuple[Path, Path], tmp_
                           capture_output=True, text=True, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bits_axis_is_labelled_in_bits_and_can_be_linear(runs: tuple[Path, Path]) -> None:
+    log_fig = plot_runs(list(runs))
+    log_fig.canvas.draw()
+    ticks = [t.get_text() for t in log_fig.axes[1].get_xticklabels() if t.get_text()]
+    assert ticks and all(t.endswith(("kb", "Mb", "Gb")) for t in ticks), ticks
+    linear = plot_runs(list(runs), bits_scale="linear").axes[1]
+    assert linear.get_xscale() == "linear"
+    # the same points on both scales (no evaluation happens before the first round, so none sits at 0 bits)
+    np.testing.assert_allclose(linear.get_lines()[1].get_xdata(), log_fig.axes[1].get_lines()[1].get_xdata())
+    with pytest.raises(ValueError, match="bits_scale"):
+        plot_runs(list(runs), bits_scale="sqrt")  # type: ignore[arg-type]
 
 
 def test_labels_replace_the_derived_ones_and_must_match_the_runs(runs: tuple[Path, Path]) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -11,6 +15,8 @@ from torch import nn
 from fl_lightning import FederatedDataModule, FederatedLightningModule
 from fl_lightning.algorithms import sparse_proxskip
 from fl_lightning.callbacks.progress import FederatedProgressBar, federated_metrics, use_federated_progress_bar
+from fl_lightning.cli import FederatedCLI
+from fl_lightning.data.datasets.download import download_url
 from fl_lightning.progress import byte_progress, format_bits, progress, progress_enabled, stage
 from tests.conftest import make_trainer
 
@@ -85,3 +91,33 @@ def test_progress_helpers_obey_the_environment(monkeypatch: pytest.MonkeyPatch,
         pass
     assert list(progress(range(3), desc="quiet")) == [0, 1, 2]
     assert capsys.readouterr().err == ""
+
+
+def test_cli_runs_get_the_federated_bar(tmp_path: Path) -> None:
+    cli = FederatedCLI(args=["--config", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"),
+                             "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert isinstance(cli.trainer.progress_bar_callback, FederatedProgressBar)
+
+
+def test_data_preparation_shows_download_and_slow_partitioning_progress(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import fl_lightning.data.partition as partition_module
+
+    monkeypatch.setenv("FL_LIGHTNING_PROGRESS", "1")
+    blob = tmp_path / "archive.bin"
+    blob.write_bytes(bytes(3 << 20))  # a 3 MiB "download" from a file:// URL (it sends Content-Length)
+    download_url(blob.as_uri(), tmp_path / "data" / "archive.bin", sha256=hashlib.sha256(blob.read_bytes()).hexdigest())
+    err = capsys.readouterr().err
+    assert "archive.bin" in err and "3.00M" in err  # the byte bar, with its total
+
+    real = partition_module.partition
+
+    def slow_partition(*args, **kwargs):  # a partitioning that outlasts stage()'s 1 s threshold
+        time.sleep(1.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(partition_module, "partition", slow_partition)
+    FederatedDataModule(dataset="digits", num_clients=5, partition="iid", batch_size=8, seed=0).setup("fit")
+    err = capsys.readouterr().err
+    assert "partitioning into 5 clients (iid) ..." in err and "partitioning into 5 clients (iid): done in" in err
+    assert "loading digits" not in err  # fast steps stay silent

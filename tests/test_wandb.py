@@ -6,6 +6,7 @@ Offline W&B runs are read back from the ``run-<id>.wandb`` transaction log with
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tests.conftest import make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+SPARSE = ROOT / "configs" / "algorithms" / "sparse_proxskip.yaml"
 SHORT = ["--trainer.max_steps", "40", "--model.eval_every", "2", "--trainer.limit_val_batches", "0",
          "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
          "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false"]
@@ -68,6 +70,10 @@ def test_offline_wandb_quickstart_has_the_federated_dashboard(offline: Path) -> 
         assert run.metrics[key]["step_metric"] == "comm/rounds", key
     assert run.metrics["val/acc"]["summary"] == ["max"]
     assert {"comm/rounds", "comm/bits_up", "comm/bits_down"} <= set(run.metrics)
+    # every row of a metric also holds the axes, so any panel can switch its x-axis to bits or steps
+    for key in ("val/acc", "val/loss", "train/loss", "sparsity/density"):
+        rows = [row for row in run.history if key in row]
+        assert rows and all({"comm/rounds", "comm/bits_up", "trainer/global_step"} <= set(row) for row in rows), key
 
     # named after the preset; the resolved config travels with the run
     assert run.name == "sparse_proxskip-d0.2-p0.2"
@@ -87,14 +93,46 @@ def _tiny_module() -> tuple[FederatedLightningModule, FederatedDataModule]:
         clients, batch_size=None, seed=0)
 
 
-def test_a_given_run_name_is_kept_and_a_second_dashboard_callback_does_nothing(offline: Path) -> None:
+def test_trainer_logger_wandb_alone_gives_the_dashboard_and_a_name_with_the_preset(offline: Path) -> None:
+    cli = FederatedCLI(args=[  # the quickstart's CSV logger swapped for W&B: its `name: quickstart` carries over
+        "fit", "--config", str(QUICKSTART), "--trainer.logger", "WandbLogger", "--model.algorithm.p", "0.25", *SHORT,
+        "--trainer.logger.init_args.save_dir", str(offline),
+    ])
+    wandb.finish()
+    run = read_wandb_run(offline / "wandb" / "latest-run", wait=60)
+    assert run.name == "quickstart-proxskip-p0.25"
+    assert run.metrics["val/acc"]["step_metric"] == "comm/rounds"  # the CLI's default callbacks did it
+    assert run.series("comm/bits_up")[-1] == pytest.approx(float(cli.model.comm.bits_up))
+    assert run.series("sparsity/layer/net.0.weight")
+    assert run.config["model"]["algorithm"]["init_args"]["p"] == 0.25 and CONFIG_FILE in run.files
+
+
+def test_run_display_name_puts_the_preset_after_a_given_name() -> None:
+    sparse = {"name": "sparse_proxskip", "p": 0.2, "density": 0.1}
+    name = WandbFederatedMetrics.run_display_name
+    assert name(None, sparse) == name("", sparse) == "sparse_proxskip-d0.1-p0.2"
+    assert name("baseline", sparse) == "baseline-sparse_proxskip-d0.1-p0.2"
+    assert name("sparse_proxskip-d0.1-p0.2-seed3", sparse) == "sparse_proxskip-d0.1-p0.2-seed3"  # says it already
+    assert name("baseline", None) == "baseline" and name(None, None) == "no_algorithm"
+
+
+def test_names_are_left_alone_when_asked(offline: Path) -> None:
+    module, dm = _tiny_module()
+    logger = WandbLogger(name="exactly-this", save_dir=str(offline), project="test")
+    make_trainer(2, [*proxskip(p=0.5, mode="fixed"), WandbFederatedMetrics(name_runs=False)], logger=logger).fit(
+        module, datamodule=dm)
+    wandb.finish()
+    assert read_wandb_run(offline / "wandb" / "latest-run", wait=60).name == "exactly-this"
+
+
+def test_a_given_run_name_comes_first_and_a_second_dashboard_callback_does_nothing(offline: Path) -> None:
     module, dm = _tiny_module()
     logger = WandbLogger(name="my-run", save_dir=str(offline), project="test")
     callbacks = [*proxskip(p=0.5, mode="fixed"), WandbFederatedMetrics(), WandbFederatedMetrics(x_axis="comm/bits_up")]
     make_trainer(6, callbacks, logger=logger, log_every_n_steps=2).fit(module, datamodule=dm)
     wandb.finish()
     run = read_wandb_run(offline / "wandb" / "latest-run", wait=60)
-    assert run.name == "my-run"
+    assert run.name == "my-run-custom-p0.5"
     assert run.metrics["sparsity/density"]["step_metric"] == "comm/rounds"  # the first callback's axis
     assert run.config["algorithm"] == {"name": "custom", "p": 0.5}  # callbacks given by hand, not a preset
     assert sorted({row["trainer/global_step"] for row in run.history}) == [1, 3, 5]  # log_every_n_steps=2
@@ -173,3 +211,39 @@ def test_tensorboard_config_logs_the_same_metrics(tmp_path: Path) -> None:
             "sparsity/layer/net.0.weight", "sparsity/layer/net.2.weight"} <= tags
     assert sorted({e.step for e in events.Scalars("comm/rounds")}) == [9, 19, 29, 39]
     assert events.Scalars("comm/rounds")[-1].value == cli.model.round_index
+
+
+def test_csv_tensorboard_and_wandb_log_the_same_metrics(offline: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loggers = offline / "loggers.yaml"
+    loggers.write_text(yaml.safe_dump({"trainer": {"logger": [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(offline), "name": "csv"}},
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+         "init_args": {"save_dir": str(offline), "name": "tb", "default_hp_metric": False}},
+        {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": str(offline)}},
+    ]}}))
+    cli = FederatedCLI(args=["fit", "--config", str(QUICKSTART), "--config", str(SPARSE), "--config", str(loggers),
+                             *SHORT])
+    wandb.finish()
+    csv_logger, tb_logger, _ = cli.trainer.loggers
+    with open(Path(csv_logger.log_dir) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    events = EventAccumulator(tb_logger.log_dir)
+    events.Reload()
+    run = read_wandb_run(offline / "wandb" / "latest-run", wait=60)
+
+    bookkeeping = {"epoch", "step", "trainer/global_step", "_step", "_timestamp", "_runtime"}
+    csv_keys = set(rows[0]) - bookkeeping
+    tb_keys = set(events.Tags()["scalars"]) - bookkeeping
+    wandb_keys = {key for row in run.history for key in row} - bookkeeping
+    assert csv_keys == tb_keys == wandb_keys
+    assert {"train/loss", "val/acc", "val/loss", "comm/rounds", "comm/bits_up", "comm/bits_down", "sparsity/density",
+            "sparsity/client_density", "cv/sum_norm", "sparsity/layer/net.0.weight"} <= csv_keys
+    # and the same values: the last uplink count and density, in all three
+    bits = float(cli.model.comm.bits_up)
+    assert float([r for r in rows if r["comm/bits_up"]][-1]["comm/bits_up"]) == pytest.approx(bits)
+    assert events.Scalars("comm/bits_up")[-1].value == pytest.approx(bits, rel=1e-6)  # TensorBoard stores fp32
+    assert run.series("comm/bits_up")[-1] == pytest.approx(bits)
+    assert run.series("sparsity/density")[-1] == pytest.approx(float(rows[-1]["sparsity/density"]))
+    assert run.name == "quickstart-sparse_proxskip-d0.1-p0.2"  # the quickstart's logger name, then the preset
