@@ -183,7 +183,8 @@ class DivergenceGuard(Callback):
         if problem.get("round") is not None:
             where = f"round {problem['round']}, {where}"
         return (f"training diverged at {where}: non-finite values (NaN/Inf) in {problem['what']}. "
-                "Lower the learning rate (lr) or resume from the last checkpoint written before this step")
+                "Lower the learning rate (lr), then start again or resume from a checkpoint written before "
+                "this step (docs/reliability.md, section 3)")
 
     # ------------------------------------------------------------------ state
     @override

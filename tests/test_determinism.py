@@ -1,16 +1,21 @@
 """Determinism: the same seed gives the same run (CPU), and the schedule's coin follows its law.
 
-On a GPU some kernels are not bitwise reproducible (atomic adds in ``index_add_``/scatter, cuBLAS
-split-K reductions); see ``docs/reliability.md`` for what to set there. These tests run on the CPU.
+On a GPU some kernels are not bitwise reproducible by default; ``docs/reliability.md`` says what to set
+there (``Trainer(deterministic=True)`` and ``CUBLAS_WORKSPACE_CONFIG``). These tests run on the CPU: they
+check that this recipe runs every code path and changes nothing there; no GPU run is tested.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.loggers import CSVLogger
@@ -18,17 +23,20 @@ from torch import nn
 
 from fl_lightning import FederatedDataModule, FederatedLightningModule
 from fl_lightning.algorithms import fedavg, proxskip, sparse_proxskip
-from fl_lightning.callbacks import SkipSchedule
+from fl_lightning.callbacks import ClientSampling, ControlVariates, SkipSchedule
 from tests.conftest import make_trainer
 
 PRESETS = {
     "proxskip": lambda: proxskip(p=0.3),
     "fedavg_cohort": lambda: fedavg(local_steps=3, cohort_size=3),
     "sparse_proxskip": lambda: sparse_proxskip(p=0.3, mode="bernoulli", density=0.3),
+    # control variates of a sampled cohort: the index_add_ path
+    "proxskip_cohort": lambda: [SkipSchedule(p=0.3), ControlVariates(allow_partial_participation=True),
+                                ClientSampling(cohort_size=3)],
 }
 
 
-def logged_run(seed: int, preset: str, save_dir: Path) -> str:
+def logged_run(seed: int, preset: str, save_dir: Path, **trainer_args: Any) -> str:
     """Train on a Dirichlet split of digits with every seed derived from ``seed``; the metrics.csv text."""
     L.seed_everything(seed)
     model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
@@ -37,7 +45,7 @@ def logged_run(seed: int, preset: str, save_dir: Path) -> str:
                              batch_size=8, steps_per_epoch=6)
     logger = CSVLogger(save_dir, name=f"seed{seed}", version=0)
     trainer = make_trainer(12, PRESETS[preset](), logger=logger, log_every_n_steps=1, limit_val_batches=1.0,
-                           val_check_interval=6)
+                           val_check_interval=6, **trainer_args)
     trainer.fit(module, datamodule=dm)
     return (Path(logger.log_dir) / "metrics.csv").read_text()
 
@@ -52,6 +60,33 @@ def test_same_seed_logs_identical_metrics(preset: str, tmp_path: Path) -> None:
     assert len(first.splitlines()) > 12, "one row per step at least"
     assert first == again
     assert first != other, "the metrics must depend on the seed, or this test proves nothing"
+
+
+@pytest.fixture
+def restores_deterministic_mode() -> Iterator[None]:
+    """``Trainer(deterministic=True)`` switches process-wide settings on; put them back for the other tests."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.benchmark = saved[2]
+    if saved[3] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[3]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_the_gpu_determinism_recipe_runs_every_path_and_changes_nothing_on_cpu(
+        preset: str, tmp_path: Path, restores_deterministic_mode: None) -> None:
+    """``deterministic=True`` raises for an operation without a deterministic implementation and fills
+    uninitialised memory (``torch.empty``) with NaN, so a path that relied on either would fail or change
+    the metrics here."""
+    default = logged_run(7, preset, tmp_path / "default")
+    strict = logged_run(7, preset, tmp_path / "strict", deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()  # the run really was in that mode
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    assert strict == default
 
 
 # ------------------------------------------------------------------------------------------- SkipSchedule

@@ -15,6 +15,7 @@ from torch import nn
 
 from fl_lightning import FederatedDataModule, FederatedLightningModule
 from fl_lightning.algorithms import proxskip
+from fl_lightning.callbacks import FederatedCallback
 from fl_lightning.callbacks.divergence import DivergenceError, DivergenceGuard
 from tests.conftest import least_squares, make_trainer
 
@@ -75,6 +76,69 @@ def test_huge_lr_stops_naming_round_and_step_and_keeps_the_last_good_checkpoint(
     loaded = FederatedLightningModule.load_from_checkpoint(last_good, client_model=nn.Linear(5, 1, bias=False))
     assert floating_state_is_finite(loaded.state_dict())
     assert re.search(r"non-finite values \(NaN/Inf\) in the (loss|weights)", str(err.value))
+
+
+class NanControlVariateAtStep4(FederatedCallback):
+    """Writes a NaN into client 0's control variate after the optimizer step of step 4 (the loss of step 4,
+    computed before, is finite)."""
+
+    def on_local_step_end(self, trainer: L.Trainer, module: FederatedLightningModule) -> None:
+        if trainer.global_step == 4:
+            module.ensure_clients().extra["cv_h"]["weight"][0, 0, 0] = float("nan")
+
+
+def test_nan_in_the_weights_with_a_finite_loss_stops_naming_the_tensor_round_and_step() -> None:
+    L.seed_everything(0)
+    module = FederatedLightningModule(nn.Linear(5, 1, bias=False), lr=0.01, loss="mse")
+    dm = FederatedDataModule.from_client_tensors(PROBLEM.clients, batch_size=3)
+    recorder = RoundRecorder()
+    trainer = make_trainer(20, [*proxskip(p=0.3), NanControlVariateAtStep4(), recorder, DivergenceGuard()])
+    in_the_weights = r"at round \d+, step 4: non-finite values \(NaN/Inf\) in the weights \("
+    with pytest.raises(DivergenceError, match=in_the_weights) as err:
+        trainer.fit(module, datamodule=dm)
+    assert f"round {recorder.rounds[3]}, step 4" in str(err.value)  # the round step 4 belonged to
+    assert "clients.extra.cv_h.weight" in str(err.value) and "the loss" not in str(err.value)
+    assert trainer.global_step == 4
+
+
+class SetLearningRate(L.Callback):
+    """Resume with another lr: ``fit(ckpt_path=...)`` restores the optimizer's state, its lr included, after
+    ``configure_optimizers`` has used the new one, so the new lr has to be set again once training starts."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = self.lr
+
+
+def test_a_good_checkpoint_resumes_to_the_same_divergence_and_trains_on_with_a_lower_lr(tmp_path: Path) -> None:
+    """Resumed as it was, the run diverges again at the same round and step (the resume is exact); with a
+    lower lr set after the restore it trains on with finite weights. The checkpoint of step 3 is used, not
+    the last good one: with lr = 50 the last finite weights are so large (~1e20) that their loss overflows
+    float32 whatever the next step does."""
+    module, dm, callbacks = diverging_run()
+    every_step = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = make_trainer(500, [*callbacks, DivergenceGuard(), every_step], enable_checkpointing=True)
+    with pytest.raises(DivergenceError) as first:
+        trainer.fit(module, datamodule=dm)
+    where = re.search(r"round \d+, step \d+", str(first.value))
+    assert where is not None and trainer.global_step > 3
+
+    def resume(*extra: L.Callback) -> tuple[L.Trainer, FederatedLightningModule]:
+        L.seed_everything(1)
+        fresh = FederatedLightningModule(nn.Linear(5, 1, bias=False), lr=0.01, loss="mse")  # the restore sets 50
+        dm2 = FederatedDataModule.from_client_tensors(PROBLEM.clients, batch_size=3)
+        resumed = make_trainer(trainer.global_step + 30, [*proxskip(p=0.3), DivergenceGuard(), *extra])
+        resumed.fit(fresh, datamodule=dm2, ckpt_path=tmp_path / "step=3.ckpt")
+        return resumed, fresh
+
+    with pytest.raises(DivergenceError, match=re.escape(f"at {where.group(0)}:")):
+        resume()
+    resumed, fresh = resume(SetLearningRate(0.01))
+    assert resumed.global_step == trainer.global_step + 30 and resumed.optimizers[0].param_groups[0]["lr"] == 0.01
+    assert floating_state_is_finite(fresh.state_dict())
 
 
 def test_non_finite_loss_with_finite_weights_is_reported_with_its_first_step() -> None:
