@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -131,6 +131,7 @@ class FederatedLightningModule(LightningModule):
         self._round_open = False
         self._vectorized: bool | None = None
         self._vmap_proven = False  # "auto": a vectorised step has run in this process
+        self._checkpoint_lr: float | None = None  # the lr of the checkpoint being resumed from
         self.round_metrics: dict[str, Tensor] = {}
         self.final_metrics: dict[str, float] = {}  # the run's result, set when training ends
         self.federated_callbacks: list[FederatedCallback] = []
@@ -189,7 +190,8 @@ class FederatedLightningModule(LightningModule):
         others = [type(cb).__name__ for cb in self.federated_callbacks
                   if not isinstance(cb, SkipSchedule) and getattr(cb, "requires_schedule", True)]
         if self.schedule is None and others:
-            raise ValueError(f"{', '.join(others)} need a communication schedule: add a SkipSchedule callback")
+            verb = "needs" if len(others) == 1 else "need"
+            raise ValueError(f"{', '.join(others)} {verb} a communication schedule: add a SkipSchedule callback")
         if self.schedule is None and stage == "fit":
             rank_zero_warn("no SkipSchedule callback: clients train independently and never communicate")
         if self.loss_fn is not None and self.loss_fn.task == "classification" and dm.num_classes is None:
@@ -217,6 +219,14 @@ class FederatedLightningModule(LightningModule):
         # metrics may have changed since, and the module has moved to its device.
         self.client_weights = self._datamodule().client_weights.to(self.client_weights.device)
         self.round_metrics = {k: v.to(self.device) for k, v in self.round_metrics.items()}
+        # fit(ckpt_path=...) restores the optimizer state, lr included, after configure_optimizers used this
+        # module's lr: a module built with another lr than the checkpoint's means "resume with this lr" (the
+        # way out of a divergence: lower lr, resume from the last good checkpoint)
+        saved, self._checkpoint_lr = self._checkpoint_lr, None
+        if saved is not None and saved != self.lr and self.trainer.optimizers:
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = self.lr
+            rank_zero_info(f"resumed with lr={self.lr} (the checkpoint's was {saved})")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         clients = self.ensure_clients()
@@ -545,6 +555,7 @@ class FederatedLightningModule(LightningModule):
         self._round_open = fed.get("round_open", False)
         self.set_active_clients(fed.get("active_clients"))
         self.round_metrics = dict(fed.get("round_metrics", {}))
+        self._checkpoint_lr = checkpoint.get("hyper_parameters", {}).get("lr")
 
     def _select_shard(self, state: dict[str, Tensor]) -> None:
         """Checkpoints hold all n clients; keep the rows of this process's shard (in place)."""

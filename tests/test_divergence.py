@@ -101,23 +101,11 @@ def test_nan_in_the_weights_with_a_finite_loss_stops_naming_the_tensor_round_and
     assert trainer.global_step == 4
 
 
-class SetLearningRate(L.Callback):
-    """Resume with another lr: ``fit(ckpt_path=...)`` restores the optimizer's state, its lr included, after
-    ``configure_optimizers`` has used the new one, so the new lr has to be set again once training starts."""
-
-    def __init__(self, lr: float) -> None:
-        self.lr = lr
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for group in trainer.optimizers[0].param_groups:
-            group["lr"] = self.lr
-
-
 def test_a_good_checkpoint_resumes_to_the_same_divergence_and_trains_on_with_a_lower_lr(tmp_path: Path) -> None:
-    """Resumed as it was, the run diverges again at the same round and step (the resume is exact); with a
-    lower lr set after the restore it trains on with finite weights. The checkpoint of step 3 is used, not
-    the last good one: with lr = 50 the last finite weights are so large (~1e20) that their loss overflows
-    float32 whatever the next step does."""
+    """Resumed with the same lr, the run diverges again at the same round and step (the resume is exact); a
+    module built with a lower lr resumes with that lr and trains on with finite weights. The checkpoint of
+    step 3 is used, not the last good one: with lr = 50 the last finite weights are so large (~1e20) that
+    their loss overflows float32 whatever the next step does."""
     module, dm, callbacks = diverging_run()
     every_step = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1)
     trainer = make_trainer(500, [*callbacks, DivergenceGuard(), every_step], enable_checkpointing=True)
@@ -126,17 +114,17 @@ def test_a_good_checkpoint_resumes_to_the_same_divergence_and_trains_on_with_a_l
     where = re.search(r"round \d+, step \d+", str(first.value))
     assert where is not None and trainer.global_step > 3
 
-    def resume(*extra: L.Callback) -> tuple[L.Trainer, FederatedLightningModule]:
+    def resume(lr: float) -> tuple[L.Trainer, FederatedLightningModule]:
         L.seed_everything(1)
-        fresh = FederatedLightningModule(nn.Linear(5, 1, bias=False), lr=0.01, loss="mse")  # the restore sets 50
+        fresh = FederatedLightningModule(nn.Linear(5, 1, bias=False), lr=lr, loss="mse")
         dm2 = FederatedDataModule.from_client_tensors(PROBLEM.clients, batch_size=3)
-        resumed = make_trainer(trainer.global_step + 30, [*proxskip(p=0.3), DivergenceGuard(), *extra])
+        resumed = make_trainer(trainer.global_step + 30, [*proxskip(p=0.3), DivergenceGuard()])
         resumed.fit(fresh, datamodule=dm2, ckpt_path=tmp_path / "step=3.ckpt")
         return resumed, fresh
 
     with pytest.raises(DivergenceError, match=re.escape(f"at {where.group(0)}:")):
-        resume()
-    resumed, fresh = resume(SetLearningRate(0.01))
+        resume(module.lr)
+    resumed, fresh = resume(0.01)
     assert resumed.global_step == trainer.global_step + 30 and resumed.optimizers[0].param_groups[0]["lr"] == 0.01
     assert floating_state_is_finite(fresh.state_dict())
 

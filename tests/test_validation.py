@@ -178,7 +178,7 @@ def test_two_schedules_fail_before_training() -> None:
 @pytest.mark.parametrize("callback", [ControlVariates(), TopKPruning(density=0.5), L1Prox(lam=0.1)],
                          ids=["ControlVariates", "TopKPruning", "L1Prox"])
 def test_algorithm_callbacks_without_a_schedule_fail_before_training(callback: L.Callback) -> None:
-    assert_fit_rejects(rf"{type(callback).__name__} need a communication schedule: add a SkipSchedule",
+    assert_fit_rejects(rf"{type(callback).__name__} needs a communication schedule: add a SkipSchedule",
                        callbacks=[callback])
 
 
@@ -337,7 +337,7 @@ README_TABLE: list[tuple[str, str, Callable[[], Any], type[Exception], str]] = [
      ValueError, "got 2 SkipSchedule callbacks; keep exactly one"),
     ("pruning-without-schedule", "`TopKPruning` without a `SkipSchedule`",
      lambda: fit_before_first_step(callbacks=[TopKPruning(density=0.5)]), ValueError,
-     "TopKPruning need a communication schedule: add a SkipSchedule callback"),
+     "TopKPruning needs a communication schedule: add a SkipSchedule callback"),
     ("prune-locations", "`TopKPruning(at=(\"forward\", \"local\"))`",
      lambda: TopKPruning(density=0.5, at=("forward", "local")), ValueError,
      "TopKPruning at: 'forward' (STE, dense x_i) conflicts with 'local' (x_i pruned after every step); "
