@@ -8,13 +8,16 @@ metrics is written as Markdown and CSV::
     configs: [configs/fashion_mnist/proxskip.yaml]      # the base run (complete config, or several layered)
     presets: [proxskip, sparse_proxskip, server_pruning] # configs/algorithms/<preset>.yaml layered on top
     density: [0.5, 0.2, 0.1, 0.05]                        # for presets that take a density
-    p: [0.2]
+    p: [0.2]                                              # FedAvg, which has no p, gets k = 1/p local steps
     seed: [0]
+    algorithm_args: {mode: fixed}                         # to every preset that takes the option
     args: ["--trainer.max_steps", "2000"]                # passed to every run
+    baseline: proxskip                                   # optional: a "Δ vs proxskip" accuracy column
     out: results/fashion_mnist
 
 Each run logs to ``<out>/runs/<name>/`` (CSV) and writes ``<out>/runs/<name>/final.json``; a run whose
-``final.json`` exists is not run again.
+``final.json`` exists is not run again. A failed run does not stop the others: the table lists the
+finished ones, the failures are listed with their logs, and the command exits with status 1.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FINAL_METRICS = ("val/acc", "val/loss", "comm/rounds", "comm/bits_up", "comm/bits_down", "sparsity/density")
 
 
+def _options(preset: str) -> set[str]:
+    """The hyper-parameters the preset's algorithm takes."""
+    return set(inspect.signature(ALGORITHMS.get(preset)).parameters)
+
+
 @dataclass(frozen=True)
 class Run:
     """One point of the grid."""
@@ -63,7 +71,9 @@ class Grid:
     density: list[float] = field(default_factory=lambda: [0.1])
     p: list[float] = field(default_factory=lambda: [0.2])
     seed: list[int] = field(default_factory=lambda: [0])
+    algorithm_args: dict[str, Any] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
+    baseline: str | None = None
     out: str = "results/grid"
 
     @classmethod
@@ -77,27 +87,46 @@ class Grid:
                 raise ValueError(f"grid file {path}: '{key}' must list at least one entry")
         for preset in raw["presets"]:
             ALGORITHMS.get(preset)  # fails with the known names
+        taken = set().union(*(_options(preset) for preset in raw["presets"]))
+        unused = sorted(set(raw.get("algorithm_args") or {}) - taken)
+        if unused:
+            raise ValueError(f"grid file {path}: algorithm_args {unused} are taken by none of the presets")
+        if raw.get("baseline") is not None and raw["baseline"] not in raw["presets"]:
+            raise ValueError(f"grid file {path}: baseline {raw['baseline']!r} must be one of presets {raw['presets']}")
         return cls(**raw)
 
     def runs(self) -> list[Run]:
         runs: list[Run] = []
         for preset, p, seed in itertools.product(self.presets, self.p, self.seed):
-            takes_density = "density" in inspect.signature(ALGORITHMS.get(preset)).parameters
-            for density in self.density if takes_density else [None]:
+            for density in self.density if "density" in _options(preset) else [None]:
                 runs.append(Run(preset, density, p, seed))
         return runs
 
 
+def _run_dir(grid: Grid, run: Run) -> Path:
+    """Where ``run`` logs: ``<out>/runs/<name>``, ``out`` taken relative to the working directory."""
+    return Path(grid.out).resolve() / "runs" / run.name
+
+
 def command(grid: Grid, run: Run) -> list[str]:
-    """The ``train.py fit`` command line of one run."""
-    out = Path(grid.out) / "runs"
+    """The ``train.py fit`` command line of one run (it runs in the repository root; config paths that exist
+    relative to the working directory are passed as absolute paths, the others are taken from the root)."""
+    out = _run_dir(grid, run).parent
     cmd = [sys.executable, str(ROOT / "train.py"), "fit"]
     for cfg in grid.configs:
-        cmd += ["--config", cfg]
+        cmd += ["--config", str(Path(cfg).resolve()) if Path(cfg).exists() else cfg]
     cmd += ["--config", str(ROOT / "configs" / "algorithms" / f"{run.preset}.yaml")]
-    cmd += ["--model.algorithm.p", str(run.p), "--seed_everything", str(run.seed)]
+    options = _options(run.preset)
+    if "p" in options:
+        cmd += ["--model.algorithm.p", str(run.p)]
+    elif "local_steps" in options:  # FedAvg: k = 1/p local steps per round, like the fixed schedule of the others
+        cmd += ["--model.algorithm.local_steps", str(max(1, round(1 / run.p)))]
+    cmd += ["--seed_everything", str(run.seed)]
     if run.density is not None:
         cmd += ["--model.algorithm.density", str(run.density)]
+    for key, value in grid.algorithm_args.items():
+        if key in options:
+            cmd += [f"--model.algorithm.{key}", value if isinstance(value, str) else json.dumps(value)]
     cmd += ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
             "--trainer.logger.save_dir", str(out), "--trainer.logger.name", run.name,
             "--trainer.logger.version", "", "--trainer.enable_progress_bar", "false",
@@ -118,7 +147,7 @@ def final_metrics(metrics_csv: Path) -> dict[str, float]:
 
 def execute(grid: Grid, run: Run, log: Any = None) -> dict[str, Any]:
     """Run one point unless its ``final.json`` exists; return its final metrics."""
-    run_dir = Path(grid.out) / "runs" / run.name
+    run_dir = _run_dir(grid, run)
     done = run_dir / "final.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -128,6 +157,9 @@ def execute(grid: Grid, run: Run, log: Any = None) -> dict[str, Any]:
         proc = subprocess.run(command(grid, run), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"run {run.name} failed (exit {proc.returncode}); see {run_dir / 'stdout.log'}")
+    if not (run_dir / "metrics.csv").is_file():
+        raise RuntimeError(f"run {run.name} logged no metrics ({run_dir / 'metrics.csv'} is missing); "
+                           f"see {run_dir / 'stdout.log'}")
     metrics = final_metrics(run_dir / "metrics.csv")
     result = {"name": run.name, "preset": run.preset, "density": run.density, "p": run.p, "seed": run.seed,
               **{k: metrics.get(k) for k in FINAL_METRICS}}
@@ -138,8 +170,32 @@ def execute(grid: Grid, run: Run, log: Any = None) -> dict[str, Any]:
     return result
 
 
-def write_tables(results: Sequence[dict[str, Any]], out: Path) -> str:
-    """``results.csv`` and ``results.md`` in ``out``; returns the Markdown."""
+def _bytes(bits: float) -> str:
+    """Bits as a human-readable byte count: 8.14 GB, 63.1 MB, 12.0 kB."""
+    size = bits / 8
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{size:.0f} B"
+
+
+def _delta_vs(results: Sequence[dict[str, Any]], baseline: str) -> list[float | None]:
+    """Accuracy minus the ``baseline`` preset's at the same p and seed, in points (None where either is missing)."""
+    reference = {(r["p"], r["seed"]): r.get("val/acc") for r in results if r["preset"] == baseline}
+    deltas: list[float | None] = []
+    for r in results:
+        ref = reference.get((r["p"], r["seed"]))
+        acc = r.get("val/acc")
+        deltas.append(None if r["preset"] == baseline or ref is None or acc is None else 100 * (acc - ref))
+    return deltas
+
+
+def write_tables(results: Sequence[dict[str, Any]], out: Path, baseline: str | None = None) -> str:
+    """``results.csv`` (raw values, bits as logged) and ``results.md`` in ``out``; returns the Markdown.
+
+    With ``baseline`` (a preset), a column gives every run's accuracy minus the baseline run's at the same
+    p and seed, in percentage points.
+    """
     out.mkdir(parents=True, exist_ok=True)
     cols = ["preset", "density", "p", "seed", *FINAL_METRICS]
     with (out / "results.csv").open("w", newline="") as f:
@@ -150,20 +206,46 @@ def write_tables(results: Sequence[dict[str, Any]], out: Path) -> str:
     def fmt(key: str, value: Any) -> str:
         if value is None:
             return "—" if key == "density" else ""
+        if key == "preset":
+            return f"`{value}`"
         if key.startswith("comm/bits"):
-            return f"{value / 8e6:.1f} MB"
+            return _bytes(value)
         if key == "comm/rounds":
             return f"{value:.0f}"
+        if key in ("val/acc", "sparsity/density"):
+            return f"{value:.3f}"
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    header = ["preset", "density", "p", "seed", "val/acc", "val/loss", "rounds", "uplink", "downlink",
-              "density (global)"]
+    header = ["preset", "δ", "p", "seed", "val/acc", "val/loss", "rounds", "uplink", "downlink", "global density"]
+    deltas = _delta_vs(results, baseline) if baseline is not None else None
+    if deltas is not None:
+        header.insert(5, f"Δ vs {baseline}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results:
-        lines.append("| " + " | ".join(fmt(k, r.get(k)) for k in cols) + " |")
+    for i, r in enumerate(results):
+        cells = [fmt(k, r.get(k)) for k in cols]
+        if deltas is not None:
+            cells.insert(5, "" if deltas[i] is None else f"{deltas[i]:+.1f} pts")
+        lines.append("| " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
     (out / "results.md").write_text(md)
     return md
+
+
+def run_grid(grid: Grid, runs: Sequence[Run], jobs: int = 1, log: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Execute ``runs`` (``jobs`` at a time); return the finished runs' results (in ``runs`` order) and the
+    error of every run that failed. A failure does not stop the other runs."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [(run, pool.submit(execute, grid, run, log)) for run in runs]
+        results: list[dict[str, Any]] = []
+        failures: list[str] = []
+        for run, future in futures:
+            try:
+                results.append(future.result())
+            except RuntimeError as err:  # a failed run: its message names it and its log
+                failures.append(str(err))
+            except Exception as err:  # anything else (an unreadable log, ...) must not stop the other runs either
+                failures.append(f"run {run.name}: {type(err).__name__}: {err}")
+    return results, failures
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -180,10 +262,12 @@ def main(argv: Sequence[str] | None = None) -> str:
         text = "\n".join(" ".join(command(grid, r)) for r in runs)
         print(text)
         return text
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda r: execute(grid, r, log=print), runs))
-    md = write_tables(results, Path(grid.out))
+    results, failures = run_grid(grid, runs, args.jobs, log=print)
+    md = write_tables(results, Path(grid.out), baseline=grid.baseline)
     print(md)
+    if failures:
+        raise SystemExit(f"{len(failures)} of {len(runs)} runs failed (the table lists the others):\n"
+                         + "\n".join(failures))
     return md
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fl_lightning.algorithms import ALGORITHMS, Algorithm
+from fl_lightning.callbacks import ClientSampling, SkipSchedule
 from fl_lightning.cli import FederatedCLI
 from fl_lightning.data.datamodule import FederatedDataModule
 from fl_lightning.module import FederatedLightningModule
@@ -52,6 +53,16 @@ def test_every_config_parses_and_instantiates(path: Path, tmp_path: Path) -> Non
         assert isinstance(cli.model.algorithm, Algorithm)
         assert cli.model.algorithm.name == path.stem
         assert cli.model.configure_callbacks(), "a preset expands into callbacks"
+    if (path.parent / "data.yaml").exists():
+        _assert_paper_setup(cli.model.configure_callbacks(), path)
+
+
+def _assert_paper_setup(callbacks: list, path: Path) -> None:
+    """The dataset presets run as the paper does: every client in every round, k = 1/p local steps."""
+    assert not any(isinstance(cb, ClientSampling) for cb in callbacks), f"{path}: full participation"
+    (schedule,) = [cb for cb in callbacks if isinstance(cb, SkipSchedule)]
+    assert schedule.mode == "fixed" and schedule.k == 5 and schedule.p == pytest.approx(0.2), path
+    assert "k = 1/p" in path.read_text().split("\n#   python")[0] and "Full participation" in path.read_text()
 
 
 def test_command_line_overrides_reach_the_preset(tmp_path: Path) -> None:

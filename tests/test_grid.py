@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fl_lightning.grid import Grid, main
+from fl_lightning import grid as grid_module
+from fl_lightning.grid import Grid, Run, command, main, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def test_grid_runs_in_parallel_writes_tables_and_skips_finished_runs(tmp_path: P
     out = tmp_path / "out"
     assert (out / "results.csv").exists() and (out / "results.md").read_text() == md
     rows = md.strip().splitlines()[2:]
-    assert len(rows) == 3 and rows[0].startswith("| proxskip | — | 0.25 |")
+    assert len(rows) == 3 and rows[0].startswith("| `proxskip` | — | 0.25 |")
     finals = {p.parent.name: json.loads(p.read_text()) for p in out.glob("runs/*/final.json")}
     assert finals["sparse_proxskip-d0.2-p0.25-s0"]["sparsity/density"] < finals["proxskip-p0.25-s0"]["sparsity/density"]
     # the final row holds the end state: 16 steps with k = 1/p = 4 fixed steps per round (sparse presets)
@@ -59,3 +60,89 @@ def test_grid_file_errors_name_the_problem(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"configs": ["x.yaml"], "presets": ["proxskip"], "densities": [0.1]}))
     with pytest.raises(ValueError, match="unknown keys"):
         Grid.load(path)
+    path.write_text(yaml.safe_dump({"configs": ["x.yaml"], "presets": ["proxskip"], "baseline": "fedavg"}))
+    with pytest.raises(ValueError, match=r"baseline 'fedavg' must be one of presets \['proxskip'\]"):
+        Grid.load(path)
+
+
+def test_a_failed_run_does_not_stop_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = []
+
+    def fake_execute(grid: Grid, run: Run, log: object = None) -> dict:
+        ran.append(run.name)
+        if run.density == 0.2:
+            raise RuntimeError(f"run {run.name} failed (exit 1); see {tmp_path}/stdout.log")
+        if run.density == 0.1:
+            raise KeyError("val/acc")
+        return {"name": run.name, "preset": run.preset, "density": run.density, "p": run.p, "seed": run.seed,
+                "val/acc": 0.8}
+
+    monkeypatch.setattr(grid_module, "execute", fake_execute)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"configs": ["x.yaml"], "presets": ["proxskip", "sparse_proxskip"],
+                                    "density": [0.5, 0.2, 0.1], "out": str(tmp_path / "out")}))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), "--jobs", "2"])
+    message = str(exit_info.value.code)
+    assert message.startswith("2 of 4 runs failed") and "sparse_proxskip-d0.2-p0.2-s0 failed (exit 1)" in message
+    assert "run sparse_proxskip-d0.1-p0.2-s0: KeyError" in message
+    assert sorted(ran) == sorted(r.name for r in Grid.load(path).runs()), "every run was tried"
+    rows = (tmp_path / "out" / "results.md").read_text().strip().splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| `proxskip`", "| `sparse_proxskip`"]
+
+
+def test_table_reports_bytes_and_the_accuracy_difference_to_the_baseline(tmp_path: Path) -> None:
+    def result(preset: str, density: float | None, acc: float | None, up: float, p: float = 0.2) -> dict:
+        return {"preset": preset, "density": density, "p": p, "seed": 0, "val/acc": acc, "val/loss": 0.5,
+                "comm/rounds": 400.0, "comm/bits_up": up, "comm/bits_down": up, "sparsity/density": density or 1.0}
+
+    results = [result("proxskip", None, 0.837, 6.512e10), result("sparse_proxskip", 0.1, 0.791, 8.64e9),
+               result("sparse_proxskip", 0.1, 0.5, 8.0e6, p=0.5)]
+    md = write_tables(results, tmp_path, baseline="proxskip")
+    header, _, dense, sparse, no_reference = md.strip().splitlines()
+    assert header == ("| preset | δ | p | seed | val/acc | Δ vs proxskip | val/loss | rounds | uplink | downlink | "
+                      "global density |")
+    assert dense == "| `proxskip` | — | 0.2 | 0 | 0.837 |  | 0.5 | 400 | 8.14 GB | 8.14 GB | 1.000 |"
+    assert sparse == "| `sparse_proxskip` | 0.1 | 0.2 | 0 | 0.791 | -4.6 pts | 0.5 | 400 | 1.08 GB | 1.08 GB | 0.100 |"
+    assert "| 0.500 |  |" in no_reference and "1.0 MB" in no_reference  # no proxskip run at p = 0.5
+    assert "Δ vs" not in write_tables(results, tmp_path)
+    csv_rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_rows[1].split(",")[-3] == "65120000000.0", "the CSV keeps the logged bits"
+
+
+def test_run_paths_do_not_depend_on_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mine.yaml").write_text("trainer: {max_steps: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    grid = Grid(configs=["mine.yaml", "configs/quickstart.yaml"], presets=["proxskip"], out="results")
+    cmd = command(grid, grid.runs()[0])
+    configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
+    assert configs[:2] == [str(tmp_path / "mine.yaml"), "configs/quickstart.yaml"]  # the latter: from the root
+    assert cmd[cmd.index("--trainer.logger.save_dir") + 1] == str(tmp_path / "results" / "runs")
+
+
+def test_fedavg_gets_k_local_steps_and_options_go_only_to_presets_that_take_them(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"configs": ["x.yaml"], "presets": ["fedavg", "proxskip"], "p": [0.25],
+                                    "algorithm_args": {"mode": "fixed", "cohort_size": None}}))
+    grid = Grid.load(path)
+    fedavg, proxskip = (command(grid, run) for run in grid.runs())
+
+    def value(cmd: list[str], flag: str) -> str | None:
+        return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+    assert value(fedavg, "--model.algorithm.local_steps") == "4" and value(fedavg, "--model.algorithm.p") is None
+    assert value(fedavg, "--model.algorithm.mode") is None and value(fedavg, "--model.algorithm.cohort_size") == "null"
+    assert value(proxskip, "--model.algorithm.p") == "0.25" and value(proxskip, "--model.algorithm.mode") == "fixed"
+    assert value(proxskip, "--model.algorithm.cohort_size") is None
+    path.write_text(yaml.safe_dump({"configs": ["x.yaml"], "presets": ["fedavg"], "algorithm_args": {"mode": "x"}}))
+    with pytest.raises(ValueError, match=r"algorithm_args \['mode'\] are taken by none of the presets"):
+        Grid.load(path)
+
+
+def test_the_shipped_grid_is_the_readme_table(tmp_path: Path) -> None:
+    grid = Grid.load(ROOT / "configs" / "grids" / "fashion_mnist.yaml")
+    names = [r.name for r in grid.runs()]
+    assert len(names) == 13 and names[0] == "proxskip-p0.2-s0" and grid.baseline == "proxskip"
+    assert "sparse_proxskip-d0.1-p0.2-s0" in names and "server_pruning-d0.05-p0.2-s0" in names
+    cmd = command(grid, grid.runs()[0])
+    assert cmd[cmd.index("--model.algorithm.mode") + 1] == "fixed"

@@ -67,7 +67,8 @@ class FederatedDataModule(LightningDataModule):
         eval_batch_size: batch size of the held-out split.
         data_dir: where datasets are read from (and downloaded to).
         dataset_args: options of the dataset loader.
-        augment: a registered augmentation (``crop_flip``) applied on the device to each sampled batch.
+        augment: a registered augmentation (``crop_flip``) applied on the device to each sampled batch;
+            its random draws, like the minibatch's, depend only on (seed, step, client).
         seed: seeds the partition and the sampling; default derived from torch's initial seed at setup.
     """
 
@@ -271,7 +272,9 @@ class FederatedDataModule(LightningDataModule):
             assert self.seed is not None
             gen = torch.Generator(device=device)
             gen.manual_seed(step_seed(self.seed + 1, step))
-            x = get_augmentation(self.augment)(x, generator=gen)
+            # drawn for all n clients and restricted to ``clients``, like the minibatch indices above
+            subset = {} if clients is None else {"rows": clients, "num_rows": self._num_clients}
+            x = get_augmentation(self.augment)(x, generator=gen, **subset)
         return ClientBatch(x, y, mask)
 
     def eval_batches(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,30 @@ def write_idx_dir(directory: Path, data: IdxData, gz: bool | Sequence[bool] = Tr
         if name in only:
             write_idx(directory / name, arrays[name], flag)
     return directory
+
+
+DEBIAN_FASHION_DIR = Path("usr/share/datasets/fashion-mnist")
+DEBIAN_GZIP_MTIME = 1591347949  # the mtime in the gzip headers of Debian's dataset-fashion-mnist 0.0~git20200523-1
+
+
+def debian_gzip(data: bytes) -> bytes:
+    """``data`` gzip'd with the header Debian's package files have: no flags (no stored file name), its mtime,
+    no extra-flags byte, OS 3 (Unix); then the deflate stream, the CRC-32 and the length (RFC 1952)."""
+    header = b"\x1f\x8b\x08\x00" + struct.pack("<I", DEBIAN_GZIP_MTIME) + b"\x00\x03"
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = deflate.compress(data) + deflate.flush()
+    return header + body + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)
+
+
+def write_debian_fashion_mnist(root: Path, data: IdxData) -> Path:
+    """A mirror of what ``apt-get install dataset-fashion-mnist`` leaves in ``/usr/share/datasets/fashion-mnist``,
+    under ``root``: only the four ``.gz`` files, recompressed with Debian's gzip header (so their md5 is not the
+    published one) around plain IDX content."""
+    folder = root / DEBIAN_FASHION_DIR
+    folder.mkdir(parents=True)
+    for name, array in zip(IDX_NAMES, (data.train_x, data.train_y, data.test_x, data.test_y)):
+        (folder / f"{name}.gz").write_bytes(debian_gzip(idx_bytes(array)))
+    return folder
 
 
 # ------------------------------------------------------------------ CIFAR-10: Python 2 cPickle batches
@@ -197,6 +222,8 @@ def formats() -> SimpleNamespace:
         write_idx=write_idx,
         random_idx_data=random_idx_data,
         write_idx_dir=write_idx_dir,
+        debian_gzip=debian_gzip,
+        write_debian_fashion_mnist=write_debian_fashion_mnist,
         py2_cifar_batch=py2_cifar_batch,
         write_cifar_folder=write_cifar_folder,
         write_leaf=write_leaf,

@@ -118,7 +118,46 @@ def test_crop_flip_rejects_bad_arguments() -> None:
         crop_flip(torch.rand(3, 8, 8), padding=-1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rows_of_a_larger_batch_get_the_transforms_of_that_batch() -> None:
+    x = torch.rand(5, 4, 3, 8, 8) + 0.5
+    full = crop_flip(x, generator=_gen(4))
+    rows = torch.tensor([4, 0, 2])
+    assert torch.equal(crop_flip(x[rows], generator=_gen(4), rows=rows, num_rows=5), full[rows])
+    assert torch.equal(crop_flip(x, generator=_gen(4), rows=torch.arange(5), num_rows=5), full)
+    empty = crop_flip(x[:0], generator=_gen(4), rows=torch.zeros(0, dtype=torch.long), num_rows=5)
+    assert empty.shape == (0, 4, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("x", "kwargs", "pattern"),
+    [
+        (torch.rand(2, 4, 3, 8, 8), {"rows": torch.tensor([0, 1])}, "rows needs num_rows"),
+        (torch.rand(2, 4, 3, 8, 8), {"num_rows": 3}, r"num_rows=3 without rows, but the batch has 2 rows"),
+        (torch.rand(2, 4, 3, 8, 8), {"rows": torch.tensor([0]), "num_rows": 3}, "one row index per row of x"),
+        (torch.rand(3, 8, 8), {"rows": torch.tensor([0, 1, 2]), "num_rows": 3}, r"shape \[rows, ..., C, H, W\]"),
+    ],
+)
+def test_rows_are_checked_against_the_batch(x: torch.Tensor, kwargs: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        crop_flip(x, generator=_gen(0), **kwargs)
+
+
+class _GeneratorOn:
+    """Stands in for a ``torch.Generator`` on another device: only its ``device`` is read before any draw."""
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+
+
+def test_a_generator_on_another_device_is_refused_on_any_machine() -> None:
+    # the CPU half of the device test below, which needs a GPU to put a real generator elsewhere
+    with pytest.raises(ValueError, match=r"generator lives on cuda:0 but the batch on cpu.*torch.Generator"):
+        crop_flip(torch.rand(2, 3, 8, 8), generator=_GeneratorOn("cuda:0"))  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (the device-mismatch check also runs on CPU, in "
+                    "test_a_generator_on_another_device_is_refused_on_any_machine)")
 def test_crop_flip_runs_on_the_batch_device_with_a_device_generator() -> None:
     x = torch.rand(2, 4, 3, 8, 8, device="cuda") + 0.5
     out = crop_flip(x, generator=_gen(0, "cuda"), padding=2)

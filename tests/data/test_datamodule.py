@@ -37,6 +37,22 @@ def test_a_step_draws_the_same_batch_whatever_subset_of_clients_asks() -> None:
     assert torch.equal(dm.sample(7, None, cpu).inputs, full.inputs)  # stateless: same step, same draw
 
 
+def test_augmented_batches_do_not_depend_on_which_other_clients_are_sampled() -> None:
+    # cohorts and clients sharded over ranks ask for subsets: client i's crops and flips must not change
+    g = torch.Generator().manual_seed(0)
+    clients = [(torch.rand(10, 3, 8, 8, generator=g) + 0.5, torch.zeros(10, dtype=torch.long)) for _ in range(4)]
+    for batch_size in (5, None):
+        dm = FederatedDataModule.from_client_tensors(clients, batch_size=batch_size, seed=2, augment="crop_flip")
+        dm.setup()
+        cpu = torch.device("cpu")
+        full = dm.sample(3, None, cpu).inputs
+        assert torch.equal(dm.sample(3, torch.tensor([1, 3]), cpu).inputs, full[[1, 3]])
+        assert torch.equal(dm.sample(3, torch.tensor([2]), cpu).inputs, full[[2]])
+        plain = FederatedDataModule.from_client_tensors(clients, batch_size=batch_size, seed=2)
+        plain.setup()
+        assert not torch.equal(full, plain.sample(3, None, cpu).inputs), "the batch was augmented"
+
+
 def test_sampling_covers_a_client_uniformly() -> None:
     dm = FederatedDataModule.from_client_tensors(_clients([4]), batch_size=1000, seed=0)
     dm.setup()

@@ -19,7 +19,12 @@ import torch
 from fl_lightning.data.datasets import DATASETS, load_dataset
 from fl_lightning.data.datasets import download as dl
 from fl_lightning.data.datasets import idx as idx_module
-from fl_lightning.data.datasets.blogfeedback import BLOGFEEDBACK_SHA256, BLOGFEEDBACK_URL, load_blogfeedback
+from fl_lightning.data.datasets.blogfeedback import (
+    BLOGFEEDBACK_SHA256,
+    BLOGFEEDBACK_URL,
+    BLOGFEEDBACK_URLS,
+    load_blogfeedback,
+)
 from fl_lightning.data.datasets.cifar10 import (
     CIFAR10_ARCHIVE_MD5,
     CIFAR10_MEAN,
@@ -203,18 +208,67 @@ def test_fashion_mnist_offline_error_mentions_the_debian_package(
 
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+# md5 of the decompressed upstream IDX files (as lists of the upstream raw files give them); Debian's .gz
+# files differ from the published ones, their content must not
+FASHION_MNIST_IDX_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+
+
+def test_fashion_mnist_reads_an_exact_mirror_of_the_debian_package(
+    tmp_path: Path, formats: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, no_network
+) -> None:
+    # The Debian code path on any machine: the folder the package installs, holding only its four
+    # recompressed .gz files, found when data_dir holds nothing, read without a download and without
+    # writing anything anywhere. test_fashion_mnist_reads_the_installed_debian_package checks the real files.
+    assert idx_module.SYSTEM_DIRS["fashion_mnist"] == (DEBIAN_FASHION,)
+    data = formats.random_idx_data(seed=11, n_train=30, n_test=10)
+    folder = formats.write_debian_fashion_mnist(tmp_path / "root", data)
+    assert folder == tmp_path / "root" / DEBIAN_FASHION.relative_to("/")
+    monkeypatch.setitem(idx_module.SYSTEM_DIRS, "fashion_mnist", (folder,))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FASHION_MNIST_MD5)
+    assert all(dl.file_digest(p) != FASHION_MNIST_MD5[p.name] for p in folder.iterdir()), "recompressed"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+    data_dir = tmp_path / "data"
+    ds = load_dataset("fashion_mnist", data_dir)  # download=True: the Debian folder is found first
+    assert no_network == [] and not data_dir.exists()
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()} == before
+    assert ds.name == "fashion_mnist" and ds.num_classes == 10
+    assert ds.train_x.shape == (30, 1, 28, 28) and ds.test_x.shape == (10, 1, 28, 28)
+    assert torch.equal(ds.train_x[:, 0], torch.from_numpy(data.train_x).float() / 255)
+    assert torch.equal(ds.test_x[:, 0], torch.from_numpy(data.test_x).float() / 255)
+    assert torch.equal(ds.train_y, torch.from_numpy(data.train_y).long())
+    assert torch.equal(ds.test_y, torch.from_numpy(data.test_y).long())
+    # a damaged package file is reported with its path, not read as data
+    damaged = folder / "t10k-labels-idx1-ubyte.gz"
+    damaged.write_bytes(formats.debian_gzip(formats.idx_bytes(data.test_y[:-1]))[:-9] + b"\0" * 9)
+    with pytest.raises(ValueError, match=rf"{damaged}: damaged gzip file .*delete it and get it again"):
+        load_fashion_mnist(data_dir)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").exists(),
-                    reason="Debian's dataset-fashion-mnist package is not installed")
-def test_fashion_mnist_reads_the_installed_debian_package(tmp_path: Path, no_network) -> None:
+@pytest.mark.skipif(
+    not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").exists(),
+    reason="extra check on the real files: Debian's dataset-fashion-mnist is not installed (its code path is "
+    "covered by test_fashion_mnist_reads_an_exact_mirror_of_the_debian_package)",
+)
+def test_fashion_mnist_reads_the_installed_debian_package(
+    tmp_path: Path, formats: SimpleNamespace, no_network
+) -> None:
+    for path in sorted(DEBIAN_FASHION.glob("*.gz")):
+        raw = gzip.decompress(path.read_bytes())
+        assert hashlib.md5(raw).hexdigest() == FASHION_MNIST_IDX_MD5[path.name[:-3]], path
+        assert formats.debian_gzip(raw)[:10] == path.read_bytes()[:10], "the mirror's gzip header is Debian's"
     ds = load_fashion_mnist(tmp_path, download=False)
     assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
     assert ds.train_y[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]  # the published first training labels
     assert torch.equal(torch.bincount(ds.train_y), torch.full((10,), 6000))
     assert torch.equal(torch.bincount(ds.test_y), torch.full((10,), 1000))
     assert float(ds.train_x.min()) == 0.0 and float(ds.train_x.max()) == 1.0
+    assert no_network == []
 
 
 # ============================================================================================ CIFAR-10
@@ -267,6 +321,37 @@ def test_cifar10_download_is_checked_against_the_published_md5(tmp_path: Path, m
         load_cifar10(tmp_path)
     assert seen == {"url": CIFAR10_URL, "md5": CIFAR10_ARCHIVE_MD5}
     assert CIFAR10_ARCHIVE_MD5 == "c58f30108f718f92721af3b95e74349a"  # the md5 published on the CIFAR page
+
+
+def test_cifar10_downloads_checks_and_extracts_the_archive(
+    tmp_path: Path, formats: SimpleNamespace, fake_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # end to end through urlopen: the archive is served, its md5 checked, extracted and read
+    from fl_lightning.data.datasets import cifar10 as cifar_module
+
+    staging = tmp_path / "staging"
+    data = formats.write_cifar_folder(staging / "cifar-10-batches-py", seed=6)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    requests = fake_server({"cifar-10-python.tar.gz": buffer.getvalue()})
+    monkeypatch.setattr(cifar_module, "CIFAR10_ARCHIVE_MD5", hashlib.md5(buffer.getvalue()).hexdigest())
+    ds = load_cifar10(tmp_path / "data")
+    assert [r["url"] for r in requests] == [CIFAR10_URL]
+    assert ds.test_y.tolist() == data.test[1].tolist()
+    assert (tmp_path / "data" / "cifar-10-python.tar.gz").is_file()
+    assert load_cifar10(tmp_path / "data").test_y.tolist() == data.test[1].tolist() and len(requests) == 1
+
+
+def test_cifar10_archive_without_the_batches_is_reported(tmp_path: Path, no_network) -> None:
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "readme.txt").write_text("not CIFAR")
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "other", arcname="other")
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-python.tar.gz did not contain cifar-10-batches-py/ "
+                                                r"with data_batch_1..5 and test_batch; delete it"):
+        load_cifar10(tmp_path)
+    assert no_network == []
 
 
 class _Evil:
@@ -373,17 +458,20 @@ def test_blogfeedback_offline_error_and_checked_download(tmp_path: Path, monkeyp
         load_blogfeedback(tmp_path)
     message = str(err.value)
     assert "blogfeedback.zip" in message and str(tmp_path / "blogfeedback") in message and BLOGFEEDBACK_URL in message
-    assert no_network == [(BLOGFEEDBACK_URL, tmp_path / "blogfeedback" / "blogfeedback.zip")]
-    seen = {}
+    # both UCI addresses (the current one first) are tried before giving up
+    assert no_network == [(url, tmp_path / "blogfeedback" / "blogfeedback.zip") for url in BLOGFEEDBACK_URLS]
+    assert BLOGFEEDBACK_URLS[0] == BLOGFEEDBACK_URL
+    seen = []
 
     def fake_download(url: str, dest: Path, *, sha256: str | None = None, **kwargs: object) -> Path:
-        seen["sha256"] = sha256
+        seen.append((url, sha256))
         raise dl.ChecksumError("sha256 mismatch")
 
     monkeypatch.setattr(dl, "download_url", fake_download)
     with pytest.raises(FileNotFoundError, match="sha256 mismatch"):
         load_blogfeedback(tmp_path)
-    assert seen["sha256"] == BLOGFEEDBACK_SHA256
+    assert seen == [(url, BLOGFEEDBACK_SHA256) for url in BLOGFEEDBACK_URLS]
+    assert BLOGFEEDBACK_SHA256 == "1ba74e5ad920f7cd037502b2968581cc695146a226a73eff52fe8ad875ed4bcf"
 
 
 def test_blogfeedback_rejects_a_wrong_column_count(tmp_path: Path, formats: SimpleNamespace) -> None:
@@ -467,3 +555,28 @@ def test_libsvm_missing_file_says_where_it_looked_and_where_to_get_data(tmp_path
     assert str(tmp_path / "a9a") in str(err.value)
     with pytest.raises(ValueError, match="libsvm needs path="):
         load_libsvm(tmp_path)
+
+
+A9A_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/a9a"
+
+
+def test_libsvm_downloads_a_url_once_into_data_dir(tmp_path: Path, fake_server) -> None:
+    requests = fake_server({"a9a": A9A_LIKE.encode(), "a9a.t": b"+1 1:1 20:3\n-1 2:2\n"})
+    ds = load_libsvm(tmp_path, path=A9A_URL, test_path=A9A_URL + ".t",
+                     sha256={"a9a": hashlib.sha256(A9A_LIKE.encode()).hexdigest()})
+    assert [r["url"] for r in requests] == [A9A_URL, A9A_URL + ".t"]
+    assert (tmp_path / "libsvm" / "a9a").read_text() == A9A_LIKE
+    assert ds.train_x.shape == (4, 20) and ds.test_y.tolist() == [1, 0]
+    again = load_libsvm(tmp_path, path=A9A_URL, test_path=A9A_URL + ".t")
+    assert len(requests) == 2 and torch.equal(again.train_x, ds.train_x), "a downloaded file is not fetched again"
+
+
+def test_libsvm_download_refuses_a_wrong_sha256_and_explains_offline(tmp_path: Path, fake_server) -> None:
+    fake_server({"a9a": A9A_LIKE.encode()})
+    with pytest.raises(FileNotFoundError, match=r"sha256 [0-9a-f]{64} differs from the published 00"):
+        load_libsvm(tmp_path, path=A9A_URL, sha256={"a9a": "00" * 32})
+    assert not (tmp_path / "libsvm" / "a9a").exists()
+    with pytest.raises(FileNotFoundError) as err:
+        load_libsvm(tmp_path, path=A9A_URL, download=False)
+    message = str(err.value)
+    assert f"missing a9a in {tmp_path / 'libsvm'}" in message and A9A_URL in message and "download=False" in message

@@ -103,17 +103,39 @@ def test_pathological_gives_exactly_k_classes_and_uses_every_class_when_it_can(
 
 
 @PROPERTY
-@given(st.sampled_from(["iid", "dirichlet", "shard", "pathological"]), labelled(min_per_client=20))
+@given(labelled(max_clients=12), st.integers(1, 10))
+def test_pathological_either_meets_its_contract_or_says_what_to_lower(
+    case: tuple[np.ndarray, int, int], classes_per_client: int
+) -> None:
+    # arbitrary labels: rare classes may have fewer samples than the clients that must hold them
+    labels, k, seed = case
+    num_classes = len(np.unique(labels))
+    try:
+        parts = pathological(labels, k, classes_per_client=classes_per_client, seed=seed)
+    except ValueError as err:
+        message = str(err)
+        if classes_per_client > num_classes:
+            assert f"classes_per_client must be in [1, {num_classes}]" in message
+        else:
+            assert "lower classes_per_client" in message and "or num_clients" in message
+        return
+    _check_disjoint_sorted(parts, len(labels), k, covering=k * classes_per_client >= num_classes)
+    assert all(len(c) == classes_per_client for c in _classes_of(labels, parts))
+
+
+@PROPERTY
+@given(st.sampled_from(["iid", "dirichlet", "shard", "pathological", "natural"]), labelled(min_per_client=20))
 def test_the_same_seed_gives_the_same_partition(name: str, case: tuple[np.ndarray, int, int]) -> None:
     labels, k, seed = case
+    groups = np.arange(len(labels)) % (k + 3)  # natural: k of k + 3 groups, chosen by the seed
     kwargs = {"dirichlet": {"alpha": 5.0, "min_partition_size": 1}, "pathological": {"classes_per_client": 1}}.get(
         name, {}
     )
     try:
-        first = partition(name, labels, k, seed=seed, **kwargs)
+        first = partition(name, labels, k, seed=seed, groups=groups, **kwargs)
     except ValueError:  # an unlucky Dirichlet draw or a class with fewer samples than clients holding it
         assume(False)
-    second = partition(name, labels, k, seed=seed, **kwargs)
+    second = partition(name, labels, k, seed=seed, groups=groups, **kwargs)
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 

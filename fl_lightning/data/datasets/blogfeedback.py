@@ -15,9 +15,14 @@ from fl_lightning.data.datasets import download as dl
 from fl_lightning.data.datasets.base import DatasetSplits, as_float, register_dataset
 
 BLOGFEEDBACK_URL = "https://archive.ics.uci.edu/static/public/304/blogfeedback.zip"
+# The archive's address before UCI's 2023 site change, kept as a second mirror (the same file: public projects
+# pin the same sha256 to both addresses).
+BLOGFEEDBACK_LEGACY_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00304/BlogFeedback.zip"
+BLOGFEEDBACK_URLS = (BLOGFEEDBACK_URL, BLOGFEEDBACK_LEGACY_URL)
 BLOGFEEDBACK_ZIP = "blogfeedback.zip"
-# UCI publishes no checksum; this is the sha256 of the zip UCI serves at BLOGFEEDBACK_URL as pinned by
-# independent public projects (e.g. as pooch's ``known_hash``). It was not recomputed here (no access to UCI).
+# UCI publishes no checksum; this is the sha256 of the zip UCI serves at BLOGFEEDBACK_URLS as pinned by
+# independent public projects (pooch's ``known_hash`` for the new address, Julia's UCIData DataDeps for the
+# legacy one). It was not recomputed here (no access to UCI).
 BLOGFEEDBACK_SHA256 = "1ba74e5ad920f7cd037502b2968581cc695146a226a73eff52fe8ad875ed4bcf"
 TRAIN_FILE = "blogData_train.csv"
 TEST_PATTERN = "blogData_test-*.csv"
@@ -43,8 +48,8 @@ def load_blogfeedback(
     """BlogFeedback as a regression set (``num_classes`` None): float32 features [N, 280], float32 targets [N].
 
     Reads ``blogData_train.csv`` and every ``blogData_test-*.csv`` from ``data_dir/blogfeedback``
-    (or ``data_dir/BlogFeedback``); extracts ``blogfeedback.zip`` found there; otherwise downloads
-    the UCI zip into ``data_dir/blogfeedback``, checks its sha256 and extracts it.
+    (or ``data_dir/BlogFeedback``); extracts ``blogfeedback.zip`` (or ``BlogFeedback.zip``) found there;
+    otherwise downloads the UCI zip into ``data_dir/blogfeedback``, checks its sha256 and extracts it.
 
     Args:
         log_target: predict log(1 + comments) instead of the heavy-tailed raw count.
@@ -53,33 +58,25 @@ def load_blogfeedback(
     """
     data_dir = Path(data_dir)
     folders = (data_dir / "blogfeedback", data_dir / "BlogFeedback")
-    folder = next((f for f in folders if _complete(f)), None)
-    if folder is None:
-        folder = folders[0]
-        archive = next(
-            (f / name for f in folders for name in (BLOGFEEDBACK_ZIP, "BlogFeedback.zip") if (f / name).is_file()),
-            None,
-        )
-        if archive is None:
-            remote = dl.RemoteFile(BLOGFEEDBACK_ZIP, (BLOGFEEDBACK_URL,), sha256=BLOGFEEDBACK_SHA256)
-            dl.fetch(
-                "blogfeedback",
-                folder,
-                [remote],
-                download=download,
-                instructions=(
-                    f"get it from {BLOGFEEDBACK_URL} (it is extracted on first use), or put the extracted "
-                    f"{TRAIN_FILE} and {TEST_PATTERN} files there"
-                ),
-                searched=folders[1:],
-            )
-            archive = folder / BLOGFEEDBACK_ZIP
-        dl.extract_zip_members(archive, folder, "blogData_*.csv")
-        if not _complete(folder):
-            raise FileNotFoundError(
-                f"blogfeedback: {archive} did not contain {TRAIN_FILE} and {TEST_PATTERN}; "
-                f"delete it and download {BLOGFEEDBACK_URL} again"
-            )
+
+    def extract(archive: Path) -> Path:
+        dl.extract_zip_members(archive, folders[0], "blogData_*.csv")
+        return folders[0]
+
+    folder = dl.locate_archive_dataset(
+        "blogfeedback",
+        folders=folders,
+        is_complete=_complete,
+        archives=[f / name for f in folders for name in (BLOGFEEDBACK_ZIP, "BlogFeedback.zip")],
+        remote=dl.RemoteFile(BLOGFEEDBACK_ZIP, BLOGFEEDBACK_URLS, sha256=BLOGFEEDBACK_SHA256),
+        extract=extract,
+        download=download,
+        instructions=(
+            f"get it from {BLOGFEEDBACK_URLS[0]} (it is extracted on first use), or put the extracted "
+            f"{TRAIN_FILE} and {TEST_PATTERN} files there"
+        ),
+        contents=f"{TRAIN_FILE} and {TEST_PATTERN}",
+    )
     x_tr, y_tr = read_csv(folder / TRAIN_FILE)
     tests = [read_csv(p) for p in sorted(folder.glob(TEST_PATTERN))]
     x_te = np.concatenate([x for x, _ in tests])
@@ -97,4 +94,4 @@ def load_blogfeedback(
     return DatasetSplits("blogfeedback", as_float(x_tr), as_float(y_tr), as_float(x_te), as_float(y_te), None)
 
 
-__all__ = ["BLOGFEEDBACK_SHA256", "BLOGFEEDBACK_URL", "load_blogfeedback", "read_csv"]
+__all__ = ["BLOGFEEDBACK_SHA256", "BLOGFEEDBACK_URL", "BLOGFEEDBACK_URLS", "load_blogfeedback", "read_csv"]

@@ -94,32 +94,25 @@ def load_cifar10(data_dir: Path, download: bool = True, normalize: bool = True) 
             deviation (:data:`CIFAR10_MEAN`, :data:`CIFAR10_STD`); False keeps pixels in [0, 1].
     """
     data_dir = Path(data_dir)
-    folders = (data_dir / CIFAR10_FOLDER, data_dir / "cifar10" / CIFAR10_FOLDER)
-    folder = next((f for f in folders if _has_batches(f)), None)
-    if folder is None:
-        archives = (data_dir / CIFAR10_ARCHIVE, data_dir / "cifar10" / CIFAR10_ARCHIVE)
-        archive = next((a for a in archives if a.is_file()), None)
-        if archive is None:
-            remote = dl.RemoteFile(CIFAR10_ARCHIVE, (CIFAR10_URL,), md5=CIFAR10_ARCHIVE_MD5)
-            dl.fetch(
-                "cifar10",
-                data_dir,
-                [remote],
-                download=download,
-                instructions=(
-                    f"get it from {CIFAR10_URL} (it is extracted on first use), or put its extracted "
-                    f"{CIFAR10_FOLDER}/ folder (data_batch_1..5, test_batch) into {data_dir}/"
-                ),
-                searched=folders,
-            )
-            archive = data_dir / CIFAR10_ARCHIVE
+
+    def extract(archive: Path) -> Path:
         dl.extract_tar(archive, archive.parent)
-        folder = archive.parent / CIFAR10_FOLDER
-        if not _has_batches(folder):
-            raise FileNotFoundError(
-                f"cifar10: {archive} did not contain {CIFAR10_FOLDER}/ with data_batch_1..5 and test_batch; "
-                f"delete it and download {CIFAR10_URL} again"
-            )
+        return archive.parent / CIFAR10_FOLDER
+
+    folder = dl.locate_archive_dataset(
+        "cifar10",
+        folders=(data_dir / CIFAR10_FOLDER, data_dir / "cifar10" / CIFAR10_FOLDER),
+        is_complete=_has_batches,
+        archives=(data_dir / CIFAR10_ARCHIVE, data_dir / "cifar10" / CIFAR10_ARCHIVE),
+        remote=dl.RemoteFile(CIFAR10_ARCHIVE, (CIFAR10_URL,), md5=CIFAR10_ARCHIVE_MD5),
+        extract=extract,
+        download=download,
+        instructions=(
+            f"get it from {CIFAR10_URL} (it is extracted on first use), or put its extracted "
+            f"{CIFAR10_FOLDER}/ folder (data_batch_1..5, test_batch) into {data_dir}/"
+        ),
+        contents=f"{CIFAR10_FOLDER}/ with data_batch_1..5 and test_batch",
+    )
     train = [read_batch(folder / name) for name in TRAIN_BATCHES]
     x_te, y_te = read_batch(folder / TEST_BATCH)
     x_tr = np.concatenate([x for x, _ in train])

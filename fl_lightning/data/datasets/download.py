@@ -17,7 +17,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +154,56 @@ def missing_files_message(
     )
 
 
+def locate_archive_dataset(
+    dataset: str,
+    *,
+    folders: Sequence[Path],
+    is_complete: Callable[[Path], bool],
+    archives: Sequence[Path],
+    remote: RemoteFile,
+    extract: Callable[[Path], Path],
+    download: bool,
+    instructions: str,
+    contents: str,
+) -> Path:
+    """The folder of a dataset distributed as one archive: found extracted, extracted from a local archive, or
+    downloaded (checksum verified) and extracted.
+
+    Args:
+        dataset: the dataset's name, for messages.
+        folders: where the extracted files may already be; the first one ``is_complete`` accepts is returned.
+        is_complete: whether a folder holds every file the loader reads.
+        archives: where the archive may already be, in order of preference; a download goes to
+            ``archives[0]``, whose name must be ``remote.filename``.
+        remote: the archive's mirrors and published digest.
+        extract: extracts an archive and returns the folder its files landed in.
+        download: False: never download.
+        instructions: where to get the archive by hand, for the error message.
+        contents: what the archive should hold, for the error raised when it does not.
+
+    Raises:
+        FileNotFoundError: the archive is missing and cannot be downloaded (the message names it, where to
+            put it and where to get it), or the archive does not hold ``contents``.
+    """
+    folder = next((f for f in folders if is_complete(f)), None)
+    if folder is not None:
+        return folder
+    archive = next((a for a in archives if a.is_file()), None)
+    if archive is None:
+        target = archives[0].parent
+        if archives[0].name != remote.filename:
+            raise ValueError(f"{dataset}: archives[0] must be named {remote.filename}, got {archives[0]}")
+        searched = list(dict.fromkeys(p for p in (*folders, *(a.parent for a in archives)) if p != target))
+        fetch(dataset, target, [remote], download=download, instructions=instructions, searched=searched)
+        archive = archives[0]
+    folder = extract(archive)
+    if not is_complete(folder):
+        raise FileNotFoundError(
+            f"{dataset}: {archive} did not contain {contents}; delete it and download {remote.urls[0]} again"
+        )
+    return folder
+
+
 def extract_tar(archive: Path, directory: Path) -> None:
     """Extract a (gzip'd) tar archive into ``directory``, refusing members that would land outside it."""
     directory = directory.resolve()
@@ -205,5 +255,6 @@ __all__ = [
     "extract_zip_members",
     "fetch",
     "file_digest",
+    "locate_archive_dataset",
     "missing_files_message",
 ]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import gzip
 import math
 import struct
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +71,13 @@ def _read_bytes(path: Path) -> bytes:
     """A file's bytes, decompressed when it is gzip'd (recognised by its magic, whatever its name)."""
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    if gzipped:
+    if not gzipped:
+        return path.read_bytes()
+    try:
         with gzip.open(path, "rb") as f:
             return f.read()
-    return path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # truncated, CRC or length mismatch, bad deflate
+        raise ValueError(f"{path}: damaged gzip file ({err}); delete it and get it again") from err
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -126,17 +131,52 @@ def _load_idx_pair(images_path: Path, labels_path: Path, num_classes: int) -> tu
     return images, labels
 
 
-def load_idx_dataset(
-    name: str,
-    *,
-    local_dirs: Sequence[Path],
-    mirrors: Sequence[str],
-    md5: dict[str, str],
-    download: bool,
-    instructions: str,
-) -> DatasetSplits:
-    """Load a 10-class MNIST-style dataset from the first of ``local_dirs`` that holds all four IDX files,
-    else download the missing ones into ``local_dirs[0]``."""
+@dataclass(frozen=True)
+class IdxSource:
+    """Where a 10-class MNIST-style dataset's four IDX files are looked for and downloaded from.
+
+    Args:
+        name: the registered dataset name (also the key of :data:`SYSTEM_DIRS`).
+        folders: folders relative to ``data_dir``, in order: the first receives downloads.
+        mirrors: base URLs that serve the ``.gz`` files, tried in order.
+        md5: the published md5 of each ``.gz`` file.
+        instructions: where to get the files by hand, for the error message.
+    """
+
+    name: str
+    folders: tuple[str, ...]
+    mirrors: tuple[str, ...]
+    md5: Mapping[str, str]
+    instructions: str
+
+
+MNIST = IdxSource(
+    "mnist",
+    folders=("mnist", "MNIST/raw"),
+    mirrors=MNIST_MIRRORS,
+    md5=MNIST_MD5,
+    instructions=f"get the .gz files from {MNIST_MIRRORS[0]} (or {MNIST_MIRRORS[1]}); gzip'd or not both work",
+)
+FASHION_MNIST = IdxSource(
+    "fashion_mnist",
+    folders=("fashion_mnist", "FashionMNIST/raw"),
+    mirrors=FASHION_MNIST_MIRRORS,
+    md5=FASHION_MNIST_MD5,
+    instructions=(
+        f"get the .gz files from {FASHION_MNIST_MIRRORS[0]} or {FASHION_MNIST_MIRRORS[1]} "
+        "(gzip'd or not both work), or on Debian/Ubuntu `apt-get install dataset-fashion-mnist`, "
+        "which installs them into /usr/share/datasets/fashion-mnist"
+    ),
+)
+
+
+def load_idx_dataset(source: IdxSource, data_dir: Path, download: bool = True) -> DatasetSplits:
+    """Load ``source`` from the first of its folders under ``data_dir`` (then :data:`SYSTEM_DIRS`) that holds
+    all four IDX files, else download the missing ``.gz`` files into the first folder and check their md5.
+
+    Returns float32 images [N, 1, H, W] scaled to [0, 1] and int64 labels in [0, 9].
+    """
+    local_dirs = (*(Path(data_dir) / f for f in source.folders), *SYSTEM_DIRS.get(source.name, ()))
     for directory in local_dirs:
         found = _complete(directory)
         if found is not None:
@@ -144,11 +184,12 @@ def load_idx_dataset(
     else:
         target = local_dirs[0]
         missing = [
-            dl.RemoteFile(f"{f}.gz", tuple(m + f"{f}.gz" for m in mirrors), md5=md5[f"{f}.gz"])
+            dl.RemoteFile(f"{f}.gz", tuple(m + f"{f}.gz" for m in source.mirrors), md5=source.md5[f"{f}.gz"])
             for f in IDX_FILES
             if _find(target, f) is None
         ]
-        dl.fetch(name, target, missing, download=download, instructions=instructions, searched=local_dirs[1:])
+        dl.fetch(source.name, target, missing, download=download, instructions=source.instructions,
+                 searched=local_dirs[1:])
         found = _complete(target)
         assert found is not None
     x_tr, y_tr = _load_idx_pair(found["train-images-idx3-ubyte"], found["train-labels-idx1-ubyte"], 10)
@@ -157,7 +198,9 @@ def load_idx_dataset(
     def images(x: np.ndarray) -> np.ndarray:
         return (x.astype(np.float32) / 255.0)[:, None]
 
-    return DatasetSplits(name, as_float(images(x_tr)), as_labels(y_tr), as_float(images(x_te)), as_labels(y_te), 10)
+    return DatasetSplits(
+        source.name, as_float(images(x_tr)), as_labels(y_tr), as_float(images(x_te)), as_labels(y_te), 10
+    )
 
 
 @register_dataset("mnist")
@@ -169,16 +212,7 @@ def load_mnist(data_dir: Path, download: bool = True) -> DatasetSplits:
     ``data_dir/mnist`` or torchvision's ``data_dir/MNIST/raw``; otherwise downloads the .gz files
     into ``data_dir/mnist`` and checks their published md5.
     """
-    data_dir = Path(data_dir)
-    dirs = (data_dir / "mnist", data_dir / "MNIST" / "raw", *SYSTEM_DIRS["mnist"])
-    return load_idx_dataset(
-        "mnist",
-        local_dirs=dirs,
-        mirrors=MNIST_MIRRORS,
-        md5=MNIST_MD5,
-        download=download,
-        instructions=f"get the .gz files from {MNIST_MIRRORS[0]} (or {MNIST_MIRRORS[1]}); gzip'd or not both work",
-    )
+    return load_idx_dataset(MNIST, data_dir, download)
 
 
 @register_dataset("fashion_mnist")
@@ -190,20 +224,7 @@ def load_fashion_mnist(data_dir: Path, download: bool = True) -> DatasetSplits:
     (package ``dataset-fashion-mnist``); otherwise downloads the .gz files into
     ``data_dir/fashion_mnist`` and checks their published md5.
     """
-    data_dir = Path(data_dir)
-    dirs = (data_dir / "fashion_mnist", data_dir / "FashionMNIST" / "raw", *SYSTEM_DIRS["fashion_mnist"])
-    return load_idx_dataset(
-        "fashion_mnist",
-        local_dirs=dirs,
-        mirrors=FASHION_MNIST_MIRRORS,
-        md5=FASHION_MNIST_MD5,
-        download=download,
-        instructions=(
-            f"get the .gz files from {FASHION_MNIST_MIRRORS[0]} or {FASHION_MNIST_MIRRORS[1]} "
-            "(gzip'd or not both work), or on Debian/Ubuntu `apt-get install dataset-fashion-mnist`, "
-            "which installs them into /usr/share/datasets/fashion-mnist"
-        ),
-    )
+    return load_idx_dataset(FASHION_MNIST, data_dir, download)
 
 
-__all__ = ["load_fashion_mnist", "load_idx_dataset", "load_mnist", "read_idx"]
+__all__ = ["FASHION_MNIST", "MNIST", "IdxSource", "load_fashion_mnist", "load_idx_dataset", "load_mnist", "read_idx"]

@@ -11,11 +11,13 @@ import bz2
 import gzip
 import io
 import lzma
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Literal
 
 import numpy as np
 
+from fl_lightning.data.datasets import download as dl
 from fl_lightning.data.datasets.base import DatasetSplits, as_float, as_labels, register_dataset
 
 LIBSVM_DATASETS_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/"
@@ -92,7 +94,24 @@ def _dense(parts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], n_
     return x
 
 
-def _resolve(data_dir: Path, path: str | Path, option: str) -> Path:
+def _is_url(path: str | Path) -> bool:
+    return isinstance(path, str) and path.startswith(("https://", "http://"))
+
+
+def _resolve(
+    data_dir: Path, path: str | Path, option: str, download: bool, sha256: Mapping[str, str]
+) -> Path:
+    """The local file for ``path``: a URL is downloaded once into ``data_dir/libsvm/``; a relative path is looked
+    up in ``data_dir``, then in the working directory."""
+    if _is_url(path):
+        url = str(path)
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        target = data_dir / "libsvm"
+        if not (target / name).is_file():
+            remote = dl.RemoteFile(name, (url,), sha256=sha256.get(name))
+            dl.fetch("libsvm", target, [remote], download=download,
+                     instructions=f"download {url} by hand (compressed .bz2/.gz/.xz files can be used as they are)")
+        return target / name
     path = Path(path).expanduser()
     candidates = [path] if path.is_absolute() else [data_dir / path, path]
     for candidate in candidates:
@@ -100,8 +119,9 @@ def _resolve(data_dir: Path, path: str | Path, option: str) -> Path:
             return candidate
     raise FileNotFoundError(
         f"libsvm: {option}={str(path)!r} not found (looked for {', '.join(str(c) for c in candidates)}); put the "
-        f"file there or pass its full path. LibSVM-format data sets are at {LIBSVM_DATASETS_URL} "
-        "(e.g. binary/a9a and binary/a9a.t); compressed .bz2/.gz/.xz files can be used as they are"
+        f"file there, pass its full path, or pass its URL to download it. LibSVM-format data sets are at "
+        f"{LIBSVM_DATASETS_URL} (e.g. binary/a9a and binary/a9a.t); compressed .bz2/.gz/.xz files can be used as "
+        "they are"
     )
 
 
@@ -114,19 +134,26 @@ def load_libsvm(
     test_fraction: float = 0.2,
     task: Literal["classification", "regression"] = "classification",
     seed: int = 0,
+    download: bool = True,
+    sha256: Mapping[str, str] | None = None,
 ) -> DatasetSplits:
     """A LibSVM-format file as dense float32 inputs [N, n_features].
 
     Args:
         path: the training file; a relative path is looked up in ``data_dir`` first, then in the
-            working directory.
-        test_path: the test file (e.g. ``a9a.t``); without one a random ``test_fraction`` of
-            ``path`` is held out (stratified for classification when every class allows it).
+            working directory; an ``https://`` (or ``http://``) URL such as
+            ``https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/a9a`` is downloaded once
+            into ``data_dir/libsvm/``.
+        test_path: the test file (e.g. ``a9a.t``), a path or a URL like ``path``; without one a random
+            ``test_fraction`` of ``path`` is held out (stratified for classification when every class allows it).
         n_features: the input dimension; default the largest feature index in the files (pass it
             when the test file may use indices the training file does not, as with a9a: 123).
         task: ``classification``: labels (e.g. a9a's -1/+1) are mapped to 0..C-1 in increasing
             order; ``regression``: float32 targets, ``num_classes`` None.
         seed: seeds the held-out split.
+        download: False: never download a URL's file (fail with a message that says where to put it).
+        sha256: the sha256 of downloaded files by file name (``{"a9a": "..."}``); a download whose digest
+            differs is refused. The LIBSVM site publishes no checksums, so pin them yourself when you need them.
     """
     if path is None:
         raise ValueError(f"libsvm needs path=<a LibSVM-format file> (data sets: {LIBSVM_DATASETS_URL})")
@@ -135,8 +162,9 @@ def load_libsvm(
     if test_path is None and not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     data_dir = Path(data_dir)
-    train = read_libsvm(_resolve(data_dir, path, "path"))
-    test = read_libsvm(_resolve(data_dir, test_path, "test_path")) if test_path is not None else None
+    digests = dict(sha256 or {})
+    train = read_libsvm(_resolve(data_dir, path, "path", download, digests))
+    test = read_libsvm(_resolve(data_dir, test_path, "test_path", download, digests)) if test_path is not None else None
     largest = max(int(p[2].max()) + 1 if len(p[2]) else 0 for p in (train, test) if p is not None)
     if n_features is None:
         n_features = max(largest, 1)
