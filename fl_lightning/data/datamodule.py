@@ -151,8 +151,16 @@ class FederatedDataModule(LightningDataModule):
         return dm
 
     def prepare_data(self) -> None:
-        if self.data is None:  # downloads happen here, once per node
-            load_dataset(self.dataset, self.data_dir, **self.dataset_args)
+        """Download and read the dataset (Lightning calls this once per node, before ``setup``).
+
+        The splits are kept, so this process does not parse the files again in ``setup``; other processes
+        of the node read them in their ``setup`` (the files are there by then). Loaders are deterministic,
+        so every process holds the same data."""
+        from fl_lightning.progress import stage as progress_stage
+
+        if self.data is None:
+            with progress_stage(f"preparing {self.dataset}"):
+                self.data = load_dataset(self.dataset, self.data_dir, **self.dataset_args)
 
     def setup(self, stage: str | None = None) -> None:
         from fl_lightning.progress import stage as progress_stage

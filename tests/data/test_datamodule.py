@@ -91,6 +91,25 @@ def test_the_embedded_digits_split_has_a_held_out_test_set() -> None:
     assert x_test.shape[1] == 64 and len(y_test) == 360
 
 
+def test_prepare_data_reads_the_dataset_once_for_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning calls prepare_data, then setup, in the same process: the files are parsed once (FEMNIST's
+    JSON takes minutes)."""
+    import fl_lightning.data.datamodule as datamodule
+
+    calls: list[str] = []
+    real = datamodule.load_dataset
+
+    def counting(name: str, *args: object, **kwargs: object) -> object:
+        calls.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(datamodule, "load_dataset", counting)
+    dm = FederatedDataModule(dataset="digits", num_clients=5, partition="iid", batch_size=4, seed=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert calls == ["digits"] and sum(dm.client_sizes) == 1437
+
+
 def test_state_dict_restores_the_partition_and_the_seed() -> None:
     dm = FederatedDataModule(dataset="digits", num_clients=5, partition="iid", seed=1)
     dm.setup()
