@@ -14,8 +14,13 @@ TopK keeps exactly k = ⌈δ·d⌉ entries of largest magnitude per scope (all p
 (:func:`fl_lightning.ops.topk_mask`). Which tensors are pruned: ``params="weights"`` (every parameter with
 ≥ 2 dimensions: Linear/Conv weights, not biases or normalisation parameters) or ``"all"``.
 
-Masks are client state ``topk_mask`` (saved in checkpoints): the support each client keeps now. In the
-``local`` mode the momentum buffer is masked too, so optimizer state never revives a pruned weight.
+Masks are client state ``topk_mask`` (module buffers, saved in checkpoints): the support each client keeps
+after the latest pruning (informational: every TopK recomputes its mask from the current magnitudes, §1.4).
+
+Optimizer state (DESIGN §1.4): outside STE mode (``forward`` not in ``at``), whenever TopK zeroes the clients'
+weights (``local``, ``server``, ``received``) the same entries of the SGD momentum buffer are zeroed, so momentum
+never carries a pruned weight back. Weight decay adds wd·x = 0 at a pruned entry, so it cannot revive one.
+With ``forward`` (STE) the update is dense by design and neither is masked: pruned weights may grow back.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class TopKPruning(FederatedCallback):
         self.scope: Scope = scope
         self.params: ParamSelection = params
         self.names: list[str] = []
+        self._ste = "forward" in self.at  # STE somewhere in the run: optimizer state is left dense
 
     @property
     @override
@@ -90,6 +96,11 @@ class TopKPruning(FederatedCallback):
         clash = [a for cb in others for a in cb.at if a in self.at]
         if clash:
             raise ValueError(f"two TopKPruning callbacks prune at {sorted(set(clash))}; merge them into one")
+        everywhere = {a for cb in [self, *others] for a in cb.at}
+        if {"forward", "local"} <= everywhere:
+            raise ValueError("TopKPruning at: 'forward' (STE, dense x_i) in one callback conflicts with 'local' "
+                             "(x_i pruned after every step) in another; keep one of them")
+        self._ste = "forward" in everywhere
         self.names = prunable(pl_module.global_model.named_parameters(), include=self.params, stacked=False)
         if not self.names:
             raise ValueError(f"TopKPruning params={self.params!r} selects no parameter of the client model")
@@ -140,25 +151,29 @@ class TopKPruning(FederatedCallback):
             masks = topk_mask(rows, self.density, scope=self.scope, stacked=True)
             for k, m in masks.items():
                 if idx is None:
-                    x[k].mul_(m)
+                    x[k].masked_fill_(~m, 0)  # not mul_: a dropped inf must become 0, not NaN
                 else:
-                    x[k][idx] = rows[k] * m
-            self._mask_momentum(trainer, module, masks, idx)
+                    x[k][idx] = rows[k].masked_fill(~m, 0)
+            self._mask_momentum(trainer, module, masks, idx, stacked=True)
         self._record(module, masks, idx, stacked=True)
 
     def _mask_momentum(self, trainer: Trainer, module: FederatedLightningModule, masks: Tensors,
-                       idx: torch.Tensor | None) -> None:
-        if not trainer.optimizers:
+                       idx: torch.Tensor | None, *, stacked: bool) -> None:
+        """Zero the SGD momentum of the entries TopK just zeroed (per client ``[c, ...]`` masks of the rows
+        ``idx`` when ``stacked``, else one mask for every client); a no-op in STE mode (§1.4)."""
+        if self._ste or not trainer.optimizers:
             return
         state = trainer.optimizers[0].state
         for k, m in masks.items():
             buf = state.get(module.clients.x[k], {}).get("momentum_buffer")
             if buf is None:
                 continue
-            if idx is None:
-                buf.mul_(m)
+            if not stacked:
+                buf.masked_fill_(~m.unsqueeze(0), 0)
+            elif idx is None:
+                buf.masked_fill_(~m, 0)
             else:
-                buf[idx] = buf[idx] * m
+                buf[idx] = buf[idx].masked_fill(~m, 0)
 
     @override
     def on_before_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
@@ -171,12 +186,14 @@ class TopKPruning(FederatedCallback):
         if "server" in self.at:
             rnd.server, masks = self._prune(rnd.server, stacked=False)
             self._record(module, masks, None, stacked=False)
+            self._mask_momentum(trainer, module, masks, None, stacked=False)
 
     @override
     def on_receive(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
         if "received" in self.at:
             rnd.received, masks = self._prune(rnd.received, stacked=False)
             self._record(module, masks, None, stacked=False)
+            self._mask_momentum(trainer, module, masks, None, stacked=False)
 
     @override
     def state_dict(self) -> dict[str, Any]:

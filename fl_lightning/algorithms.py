@@ -145,7 +145,8 @@ class SparseProxSkip(_Sparse):
     Control variates stay zero-sum (r = x̄), so Σ_i w_i (x̂_i − (γ/p) h_i) = Σ_i w_i x̂_i: clients upload
     their sparse x̂_i (``ControlVariates(uplink="local")``), ⌈δ·d⌉ non-zeros of the pruned tensors each.
     Reconstruction choices, with their switches: TopK over all pruned tensors (``scope="global"``, or
-    ``"layer"``); weights only, not biases/norms (``params``).
+    ``"layer"``); weights only, not biases/norms (``params``). SGD momentum is zeroed wherever TopK zeroes
+    a weight, so it cannot revive one (DESIGN §1.4).
     Callbacks: SkipSchedule, ControlVariates(reference="mean", uplink="local"), TopKPruning(at=[local, received]).
     """
 
@@ -163,8 +164,11 @@ class SparseProxSkipLocal(_Sparse):
     with probability p:  x̂_i ← TopK(x̂_i) (the uplink is sparse),  x̄ = Σ_i w_i x̂_i,
                          h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← TopK(x̄) (or x̄ with ``prune_broadcast=False``)
 
-    Zero-sum control variates as in :class:`SparseProxSkip`. Reconstruction choice: whether the broadcast is
-    pruned as well is ours (``prune_broadcast``, default True so the global model is sparse).
+    Reconstruction choices: TopK(x̂_i) replaces x̂_i for the whole round, so the control variates are updated
+    with the pruned model the client sent and stay zero-sum (as in :class:`SparseProxSkip`, whose uplink
+    form it shares); whether the broadcast is pruned as well is ours (``prune_broadcast``, default True so
+    the global model is sparse); ``scope`` and ``params`` as in :class:`SparseProxSkip`. Momentum is not
+    masked (STE: pruned weights may grow back).
     Callbacks: SkipSchedule, ControlVariates(reference="mean", uplink="local"),
     TopKPruning(at=[forward, round, received]).
     """
@@ -209,7 +213,12 @@ class ServerPruningModified(_Sparse):
 class RandProxL1(Algorithm):
     """ProxSkip with the ℓ1 prox at the clients (RandProx, Condat & Richtárik): solves min f(x) + λ‖x‖₁.
 
-    x̂_i = prox_{γλ‖·‖₁}(x_i − γ (∇f_i(x_i) − h_i)), then ProxSkip's round with zero-sum control variates.
+    x̂_i = prox_{γλ‖·‖₁}(x_i − γ (∇f_i(x_i) − h_i))   (soft-thresholding, after every local step)
+    with probability p:  x̄ = Σ_i w_i (x̂_i − (γ/p) h_i),  h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← x̄
+
+    Zero-sum control variates make the fixed point the exact minimiser of f + λ‖·‖₁ (see
+    :class:`~fl_lightning.callbacks.L1Prox`). The prox acts on ``params`` (weights by default); λ is a
+    penalty weight, not a density target. The uplink is the dense shifted form of DESIGN §1.2.
     Callbacks: SkipSchedule, ControlVariates(reference="mean"), L1Prox(lam).
     """
 
@@ -227,15 +236,19 @@ class RandProxL1(Algorithm):
 @register_algorithm("fedcomloc")
 @dataclass(frozen=True)
 class FedComLoc(_Sparse):
-    """FedComLoc (Yi et al. 2024): Scaffnew with compression in one place (``variant``):
+    """FedComLoc (Yi et al. 2024): Scaffnew with a compressor C in one place (``variant``), r = what was compressed:
 
-    - ``local``:  TopK in the forward pass of local training (STE), dense communication;
-    - ``com``:    the uplink u_i = C(x̂_i − (γ/p) h_i) is compressed; r = x̄ of the compressed messages;
-    - ``global``: the downlink b = C(x̄) is compressed; r = b.
+    - ``local``:  x̂_i = x_i − γ (∇f_i(C(x_i)) − h_i), C in the forward pass with an STE (§1.4); dense rounds,
+      r = x̄ (zero-sum). C = TopK_δ of the weights (``TopKPruning(at="forward")``, ``scope``/``params`` as in
+      the other TopK presets) or nearest-level quantisation of every tensor (``Compression("forward")``);
+    - ``com``:    u_i = C(x̂_i − (γ/p) h_i),  x̄ = Σ_i w_i u_i,  h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← x̄;
+    - ``global``: x̄ = Σ_i w_i (x̂_i − (γ/p) h_i),  b = C(x̄),  h_i ← h_i + (p/γ)(b − x̂_i),  x_i ← b.
 
-    C is TopK_δ (``method="topk"``) or QSGD quantisation with ``bits`` (``"quantize"``). With compression
-    the control variates are no longer exactly zero-sum (``cv/sum_norm`` shows by how much).
-    Callbacks: SkipSchedule, ControlVariates, then TopKPruning(at=forward) or Compression(uplink|downlink).
+    C is TopK_δ (``method="topk"``; on the wire it compresses the whole message, biases included) or QSGD
+    quantisation with ``bits`` (``"quantize"``: stochastic and unbiased on the wire). With compression on
+    the wire Σ_i w_i h_i is no longer exactly zero (``cv/sum_norm`` shows by how much).
+    Callbacks: SkipSchedule, ControlVariates(reference="mean" for local/com, "broadcast" for global), then
+    TopKPruning(at=forward) or Compression(forward|uplink|downlink).
     """
 
     variant: Literal["local", "com", "global"] = "com"
@@ -243,12 +256,12 @@ class FedComLoc(_Sparse):
     bits: int = 8
 
     def callbacks(self) -> list[Callback]:
-        if self.variant == "local":
-            return [self._schedule(), ControlVariates(reference="mean"), self._topk("forward")]
-        if self.variant not in ("com", "global"):
+        if self.variant not in ("local", "com", "global"):
             raise ValueError(f"fedcomloc variant must be 'local', 'com' or 'global', got {self.variant!r}")
-        direction = "uplink" if self.variant == "com" else "downlink"
-        reference = "mean" if self.variant == "com" else "broadcast"
+        if self.variant == "local" and self.method == "topk":
+            return [self._schedule(), ControlVariates(reference="mean"), self._topk("forward")]
+        direction = {"local": "forward", "com": "uplink", "global": "downlink"}[self.variant]
+        reference = "broadcast" if self.variant == "global" else "mean"
         compressor = Compression(direction, self.method, density=self.density if self.method == "topk" else None,
                                  bits=self.bits, scope=self.scope, seed=self.seed)
         return [self._schedule(), ControlVariates(reference=reference), compressor]

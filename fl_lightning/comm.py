@@ -45,7 +45,8 @@ def encoded_bits(nnz: Tensor, d: int, encoding: Encoding = "auto") -> Tensor:
 
 def count_nonzero(tensors: Mapping[str, Tensor], *, stacked: bool) -> tuple[Tensor, int]:
     """Non-zeros per client ([c], when ``stacked``) or in total (scalar), and the entries per model d."""
-    nnz = sum(count_rows(t.reshape(t.shape[0], -1)) if stacked else torch.count_nonzero(t)
+    # explicit row length: ``-1`` cannot be inferred for zero clients (a rank without participants)
+    nnz = sum(count_rows(t.reshape(t.shape[0], t.shape[1:].numel())) if stacked else torch.count_nonzero(t)
               for t in tensors.values())
     d = sum((t.shape[1:].numel() if stacked else t.numel()) for t in tensors.values())
     return torch.as_tensor(nnz), d
@@ -55,7 +56,7 @@ def message_bits(tensors: Mapping[str, Tensor], encoding: Encoding = "auto", *, 
     """Bits of each client's message ([c], ``stacked``) or of a single message (scalar)."""
     if encoding == "dense":  # 32·d whatever the non-zeros: no pass over the message
         first = next(iter(tensors.values()))
-        d = sum((t[0] if stacked else t).numel() for t in tensors.values())
+        d = sum((t.shape[1:].numel() if stacked else t.numel()) for t in tensors.values())
         return encoded_bits(torch.zeros(first.shape[:1] if stacked else (), device=first.device), d, "dense")
     nnz, d = count_nonzero(tensors, stacked=stacked)
     return encoded_bits(nnz, d, encoding)

@@ -275,6 +275,7 @@ def quantize(
     stochastic: bool = True,
     generator: torch.Generator | None = None,
     stacked: bool = True,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """QSGD quantisation (Alistarh et al. 2017) to s = 2^bits − 1 levels, returned dequantised.
 
@@ -294,6 +295,9 @@ def quantize(
         stochastic: random (unbiased) rounding; ``False`` rounds to the nearest level.
         generator: RNG for the stochastic rounding (must live on ``x``'s device); default: global RNG.
         stacked: dim 0 is the client dimension.
+        noise: the uniform [0, 1) draws u of the stochastic rounding (ξ_j = l_j + 1 iff u_j < r_j − l_j),
+            shaped like ``x``, instead of drawing them from ``generator`` — for callers that seed every
+            client's draws separately (so they do not depend on which clients share a call).
 
     Returns:
         The dequantised tensor, same shape and dtype as ``x`` (computed in at least float32).
@@ -311,8 +315,13 @@ def quantize(
     # r = s·|v|/‖v‖, 0 for a zero vector (avoid 0/0).
     safe = torch.where(norm > 0, norm, torch.ones_like(norm))
     r = (rows.abs() / safe * s).clamp_(max=s)
+    if noise is not None and noise.shape != x.shape:
+        raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
     if stochastic:
-        u = torch.rand(r.shape, generator=generator, dtype=r.dtype, device=r.device)
+        if noise is None:
+            u = torch.rand(r.shape, generator=generator, dtype=r.dtype, device=r.device)
+        else:
+            u = _as_rows(noise.to(device=r.device, dtype=r.dtype), stacked)
         low = r.floor()
         level = low + (u < r - low).to(r.dtype)
     else:

@@ -322,6 +322,16 @@ def test_quantize_dtype_generator_and_validation():
         quantize(torch.arange(4), bits=4)
 
 
+def test_quantize_with_given_noise_equals_drawing_it_from_the_generator():
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(9))
+    from_generator = quantize(x, bits=3, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(quantize(x, bits=3, noise=u), from_generator)
+    assert torch.equal(quantize(x, bits=3, noise=u, stochastic=False), quantize(x, bits=3, stochastic=False))
+    with pytest.raises(ValueError, match="noise"):
+        quantize(x, bits=3, noise=u[:, :2])
+
+
 def test_quantized_bits():
     assert quantized_bits(10, 8) == 32 + 10 * 9
     assert quantized_bits(0, 1) == 32
@@ -410,3 +420,92 @@ def test_property_soft_threshold_shrinks_and_nonexpansive(shape, t, seed):
     # 1e-12 absorbs float64 rounding of |x| − t.
     assert ((sx - sy).abs() <= (x - y).abs() + 1e-12).all()
     assert (sx - sy).norm() <= (x - y).norm() + 1e-12
+
+
+def _quantize_case(n: int, d: int, exponent: int, zeros: float, seed: int) -> torch.Tensor:
+    """[n, d] float64 values of scale 10^exponent, a fraction ``zeros`` of them exactly 0, and the last row
+    all zero when n > 1 (a client with nothing to send)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 10.0**exponent
+    x[torch.rand(n, d, generator=g) < zeros] = 0.0
+    if n > 1:
+        x[-1] = 0.0
+    return x
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    d=st.integers(1, 20),
+    exponent=st.integers(-6, 6),
+    zeros=st.sampled_from([0.0, 0.5]),
+    bits=st.integers(1, 8),
+    stochastic=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_quantize_sends_a_level_next_to_each_entry(n, d, exponent, zeros, bits, stochastic, seed):
+    """QSGD: every entry becomes sign(x_j)·ξ_j·‖x‖/s with ξ_j ∈ {⌊r_j⌋, ⌈r_j⌉}, r_j = s|x_j|/‖x‖ (the nearest
+    level when deterministic), per client; so |Q_j − x_j| ≤ ‖x‖/s (‖x‖/(2s)), zeros stay zero, and the same
+    generator seed gives the same message."""
+    x = _quantize_case(n, d, exponent, zeros, seed)
+    s = 2**bits - 1
+    q = quantize(x, bits=bits, stochastic=stochastic, generator=torch.Generator().manual_seed(seed))
+    assert q.shape == x.shape and q.dtype == x.dtype
+    norm = x.norm(dim=1, keepdim=True)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    r = (x.abs() / safe * s).clamp(max=s)  # the level as a real number, computed as the operator does
+    level = q.abs() / safe * s
+    # float64 round trip level -> value -> level: off an integer by a few ulps of s ≤ 255, far below 1e-9
+    assert torch.allclose(level, level.round(), rtol=0, atol=1e-9)
+    level = level.round()
+    if stochastic:
+        assert ((level == r.floor()) | (level == r.ceil())).all()
+    else:
+        assert torch.equal(level, r.round())
+    assert (torch.sign(q) * torch.sign(x) >= 0).all() and (q[x == 0] == 0).all()
+    bound = norm / s if stochastic else norm / (2 * s)
+    assert ((q - x).abs() <= bound * (1 + 1e-12)).all()  # 1e-12: float64 rounding of r and of the dequantisation
+    again = quantize(x, bits=bits, stochastic=stochastic, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(q, again)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(d=st.integers(1, 8), exponent=st.integers(-3, 3), bits=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_property_stochastic_quantize_is_unbiased(d, exponent, bits, seed):
+    """E[Q(x)] = x. Each draw Q_j lies in an interval of width w = ‖x‖/s around x_j, so by Hoeffding the mean of
+    N = 4000 independent draws is off by t = w·√(ln(2/η)/(2N)) or more with probability at most η = 1e-9 per
+    coordinate (rigorous, no normal approximation); derandomize fixes the examples, so the test is
+    deterministic. A biased rounding (the nearest level) is off by up to w/2 ≫ t = 0.052·w."""
+    N, eta = 4000, 1e-9
+    x = _quantize_case(1, d, exponent, 0.0, seed)[0]
+    s = 2**bits - 1
+    q = quantize(x.expand(N, d).contiguous(), bits=bits, generator=torch.Generator().manual_seed(seed))
+    t = x.norm().item() / s * math.sqrt(math.log(2 / eta) / (2 * N))
+    assert ((q.mean(dim=0) - x).abs() <= t + 1e-12 * x.norm().item()).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    shapes=st.lists(_shape, min_size=1, max_size=3),
+    dens=st.floats(0.001, 1.0),
+    scope=st.sampled_from(["global", "layer"]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_topk_is_a_contractive_idempotent_compressor(n, shapes, dens, scope, ties, seed):
+    """TopK_δ as a compressor: ‖x − C(x)‖² ≤ (1 − k/d)‖x‖² per client (per tensor for the layer scope), the
+    bound of a contractive compressor (it drops the d − k smallest squares, whose mean is at most the mean
+    of all d), and C(C(x)) = C(x). Values in float64; 1e-12 relative slack for the sums of squares."""
+    x = {k: v.double() for k, v in _rand_state(n, {f"t{i}": s for i, s in enumerate(shapes)}, seed, ties).items()}
+    y = topk(x, dens, scope=scope)
+    groups = [list(x)] if scope == "global" else [[k] for k in x]
+    for names in groups:
+        xs, ys = _flat({k: x[k] for k in names}, n), _flat({k: y[k] for k in names}, n)
+        d = xs.shape[1]
+        k = topk_count(d, dens)
+        error, total = (xs - ys).pow(2).sum(dim=1), xs.pow(2).sum(dim=1)
+        assert (error <= (1 - k / d) * total * (1 + 1e-12)).all()
+        assert (((ys == xs) | (ys == 0)).all())  # kept entries are sent unchanged
+    again = topk(y, dens, scope=scope)
+    assert all(torch.equal(again[k], y[k]) for k in y)
