@@ -155,9 +155,7 @@ class Compression(FederatedCallback):
         rnd.broadcast = {k: quantize(v, bits=self.bits, generator=gen, stacked=False)
                          for k, v in rnd.broadcast.items()}
         # the module counts a broadcast once per receiving client: the cohort, or all n clients
-        cohort = getattr(module, "_active_list", None)
-        receivers = len(cohort) if cohort is not None else module.num_clients
-        rnd.downlink_bits = self._quantized_bits(rnd.broadcast, (), stacked=False) * receivers
+        rnd.downlink_bits = self._quantized_bits(rnd.broadcast, (), stacked=False) * rnd.receivers
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -266,7 +266,8 @@ class FederatedLightningModule(LightningModule):
             return
         self._active_list = sorted(int(i) for i in clients)
         ids = self.client_ids.tolist()
-        rows = [r for r, i in enumerate(ids) if i in set(self._active_list)]
+        cohort = set(self._active_list)
+        rows = [r for r, i in enumerate(ids) if i in cohort]
         self.active_clients = torch.tensor(rows, device=self.device, dtype=torch.long)
         self._active_global = torch.tensor([ids[r] for r in rows], device=self.device, dtype=torch.long)
 
@@ -459,10 +460,10 @@ class FederatedLightningModule(LightningModule):
         rnd.server = dict(rnd.mean)
         self._call("on_aggregate", rnd)
         rnd.broadcast = dict(rnd.server)
+        rnd.receivers = len(self._active_list) if self._active_list is not None else self.num_clients
         self._call("on_broadcast", rnd)
-        receivers = len(self._active_list) if self._active_list is not None else self.num_clients
         down_bits = rnd.downlink_bits if rnd.downlink_bits is not None else message_bits(
-            rnd.broadcast, self.encoding, stacked=False) * receivers
+            rnd.broadcast, self.encoding, stacked=False) * rnd.receivers
         rnd.received = dict(rnd.broadcast)
         self._call("on_receive", rnd)
         local_density = self._reduce(  # Σ_i w_i nnz(x̂_i) / d

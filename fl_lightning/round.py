@@ -27,6 +27,7 @@ class Round:
     - ``mean``: x̄ = Σ_i w_i u_i with the round's normalised weights ``weights`` [c].
     - ``server``: x⁺, the server's model (x̄, or TopK(x̄) when the server prunes).
     - ``broadcast``: b = C_down(x⁺), what the server sends; ``downlink_bits`` as for the uplink.
+    - ``receivers``: how many clients the broadcast goes to (the cohort over all processes, or n).
     - ``received``: what clients set x_i to (b, or TopK(b) when clients prune the broadcast).
       This is also the new global model.
     """
@@ -42,4 +43,5 @@ class Round:
     server: Tensors = field(default_factory=dict)
     broadcast: Tensors = field(default_factory=dict)
     downlink_bits: Tensor | None = None
+    receivers: int = 0
     received: Tensors = field(default_factory=dict)
