@@ -370,3 +370,16 @@ def test_readme_table_message(build: Callable[[], Any], exception: type[Exceptio
     with pytest.raises(exception) as err:
         build()
     assert str(err.value) == message
+
+
+def test_readme_table_shows_these_messages() -> None:
+    """The README's table of rejected inputs quotes the messages of README_TABLE, row by row (by id)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cells = {}
+    for line in readme.splitlines():
+        parts = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(parts) == 3 and parts[2].startswith("`") and parts[2].endswith("`"):
+            cells[parts[2].strip("`")] = parts[1]
+    for row_id, _, _, exception, message in README_TABLE:
+        assert row_id in cells, f"the README's table has no row {row_id!r}"
+        assert cells[row_id].startswith(f"`{exception.__name__}: {message}`"), (row_id, cells[row_id])
