@@ -123,6 +123,7 @@ class FederatedLightningModule(LightningModule):
         self.register_buffer("client_weights", torch.empty(0, dtype=torch.float64), persistent=False)
         self.register_buffer("client_ids", torch.empty(0, dtype=torch.long), persistent=False)
         self._num_clients_total: int | None = None
+        self._client_log_names: list[str] | None = None  # names the client model logs (several processes)
 
         self.round_index = 0
         self.active_clients: Tensor | None = None  # local rows of the participating clients (None = all)
@@ -219,6 +220,7 @@ class FederatedLightningModule(LightningModule):
         # metrics may have changed since, and the module has moved to its device.
         self.client_weights = self._datamodule().client_weights.to(self.client_weights.device)
         self.round_metrics = {k: v.to(self.device) for k, v in self.round_metrics.items()}
+        self._client_log_names = None  # agreed again at this fit's first logging step (see _client_log_values)
         # fit(ckpt_path=...) restores the optimizer state, lr included, after configure_optimizers used this
         # module's lr: a module built with another lr than the checkpoint's means "resume with this lr" (the
         # way out of a divergence: lower lr, resume from the last good checkpoint)
@@ -395,10 +397,29 @@ class FederatedLightningModule(LightningModule):
         metrics = {"train/loss": loss, "comm/rounds": self.comm.rounds.float(),
                    "comm/bits_up": self.comm.bits_up, "comm/bits_down": self.comm.bits_down,
                    **self.round_metrics,
-                   **{f"train/{k}": torch.dot(weights.to(v.dtype), v) for k, v in client_logs.items()}}
+                   **{f"train/{k}": v for k, v in self._client_log_values(weights, client_logs).items()}}
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         self.log_dict({"round": float(self.round_index), "loss": loss}, prog_bar=True, on_step=True,
                       on_epoch=False, batch_size=1, logger=False)
+
+    def _client_log_values(self, weights: Tensor, client_logs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Σ_i w_i v_i over all n clients (every process's) of each value the client model logs.
+
+        Under several processes the names are agreed once per fit, at its first logging step (the same step on
+        every rank), so that a rank without participating clients (no values) still joins the all-reduce."""
+        if not self.distributed:
+            return {k: torch.dot(weights.to(v.dtype), v) for k, v in client_logs.items()}
+        if not self.objective.uses_training_step:  # forward + loss: the client model logs nothing
+            return {}
+        if self._client_log_names is None:
+            everyone: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(everyone, sorted(client_logs))
+            self._client_log_names = sorted(set().union(*everyone))
+        if not self._client_log_names:
+            return {}
+        local = [torch.dot(weights.float(), client_logs[k].float()) if k in client_logs
+                 else torch.zeros((), device=weights.device) for k in self._client_log_names]
+        return dict(zip(self._client_log_names, self._reduce(torch.stack(local)).unbind()))
 
     def _sampled_ids(self) -> Tensor | None:
         """Global ids of the clients that step now (None = all n, on one process)."""

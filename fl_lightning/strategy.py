@@ -16,8 +16,12 @@ What differs from :class:`~lightning.pytorch.strategies.DDPStrategy`:
   blocks, and loading slices them again (``FederatedLightningModule._select_shard``,
   :meth:`load_optimizer_state_dict`), so a checkpoint resumes on any number of processes, one included;
 - at start-up, the global model is broadcast from rank 0 (as DDP does), and the processes check that they
-  agree on everything the shared random streams depend on (seeds of the schedule, the cohort and the data,
-  the number of clients, the model's shapes) — a disagreement would otherwise surface as a deadlock.
+  agree on everything the shared random streams and the sequence of collectives depend on (seeds of the
+  schedule, the cohort and the data, the schedule's state, the number of clients and their weights, the
+  model's shapes, the federated callbacks, the length of the run) — a disagreement would otherwise surface
+  as a deadlock or as silently different models;
+- only a :class:`~fl_lightning.FederatedLightningModule` is accepted (any other module would train one
+  unsynchronised replica per process).
 
 Importing this module registers the strategy in Lightning's ``StrategyRegistry`` as ``"federated_ddp"``
 (``fl_lightning.module`` imports it, so any use of the framework does).
@@ -84,6 +88,19 @@ def client_shard(num_clients: int, rank: int, world_size: int) -> list[int]:
     return list(range(start, end))
 
 
+def _require_federated_module(module: LightningModule) -> None:
+    """``federated_ddp`` trains a :class:`~fl_lightning.FederatedLightningModule` only: any other module would
+    train one independent replica per process (there is no DDP wrapper to average its gradients)."""
+    from fl_lightning.module import FederatedLightningModule  # fl_lightning.module imports this module
+
+    if not isinstance(module, FederatedLightningModule):
+        raise TypeError(
+            f"strategy='federated_ddp' shards the clients of a FederatedLightningModule, got a "
+            f"{type(module).__name__}: wrap the model as FederatedLightningModule(client_model, ...), or use "
+            "strategy='ddp' for ordinary data-parallel training"
+        )
+
+
 class FederatedDDPStrategy(DDPStrategy):
     """DDP's process launching, rendezvous and collectives, without the ``DistributedDataParallel`` wrapper,
     with the clients sharded over the processes (see the module docstring).
@@ -141,8 +158,10 @@ class FederatedDDPStrategy(DDPStrategy):
     # ------------------------------------------------------------------ set-up
     @override
     def setup_environment(self) -> None:
-        super().setup_environment()  # the process group exists from here on
         module = self.lightning_module
+        if module is not None:
+            _require_federated_module(module)
+        super().setup_environment()  # the process group exists from here on
         if self.world_size > 1 and module is not None:
             self._start_from_rank_zero(module)
 
@@ -227,9 +246,12 @@ class FederatedDDPStrategy(DDPStrategy):
             ids = module.client_ids.tolist()
             if ids != self.client_shard(n):  # local, but reported through the comparison below
                 fp[f"clients of rank {self.global_rank}"] = f"{ids} instead of {self.client_shard(n)}"
-        for cb in trainer.callbacks:
-            if isinstance(cb, FederatedCallback) and hasattr(cb, "seed"):
+        federated = [cb for cb in trainer.callbacks if isinstance(cb, FederatedCallback)]
+        fp["federated callbacks"] = [type(cb).__name__ for cb in federated]  # each may add collectives
+        for cb in federated:
+            if hasattr(cb, "seed"):
                 fp[f"seed of {type(cb).__name__}"] = cb.seed
+        fp["length of the run"] = (trainer.max_steps, trainer.max_epochs)  # a rank that stops early hangs the rest
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "seed"):
             fp["seed of the datamodule"] = dm.seed
@@ -239,6 +261,7 @@ class FederatedDDPStrategy(DDPStrategy):
         return fp
 
     def _check_agreement(self, trainer: Trainer) -> None:
+        """All-gather every rank's :meth:`_fingerprint` and raise, on every rank, if any differs from rank 0's."""
         mine = self._fingerprint(trainer)
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine)
@@ -260,7 +283,12 @@ class FederatedDDPStrategy(DDPStrategy):
     def reduce(self, tensor: Tensor, group: Any | None = None,
                reduce_op: ReduceOp | str | None = "mean") -> Tensor:
         """All-reduce ``tensor`` in place over the processes and return it: ``"sum"``, ``"max"``, ``"min"``,
-        ``"mean"``/``"avg"`` (a sum divided by the world size, since gloo has no AVG), or a ``ReduceOp``.
+        ``"product"``, ``"mean"``/``"avg"`` or ``ReduceOp.AVG`` (a sum divided by the world size on every backend:
+        older gloo builds have no AVG; integer tensors are divided with truncation, as Lightning does), or
+        another ``ReduceOp``.
+        ``None`` sums. This is the reduction of the round (``FederatedLightningModule._reduce``: Σ over the
+        ranks of the weighted uplink sums Σ_{i on the rank} w_i u_i, the bit counters and the loss) and of
+        Lightning's own decisions (``reduce_boolean_decision``).
 
         As ``DDPStrategy.reduce``, minus the barrier Lightning puts before every all-reduce (an all-reduce
         synchronises by itself; the barrier would double the latency of every round's reductions).
@@ -279,6 +307,8 @@ class FederatedDDPStrategy(DDPStrategy):
                 op = getattr(ReduceOp, name.upper())
             else:
                 raise ValueError(f"unknown reduce_op {reduce_op!r}: use 'sum', 'max', 'min', 'mean' or a ReduceOp")
+        elif reduce_op == ReduceOp.AVG:
+            op, divide = ReduceOp.SUM, True
         else:
             op = reduce_op
         target = tensor if tensor.is_contiguous() else tensor.contiguous()

@@ -5,12 +5,20 @@
 ``SPEC.json`` lists runs ``{"name", "preset", "steps", "out", ...options}``; each run starts from
 ``seed_everything(SEED)`` and writes ``<out>/<name>.pt`` (rank 0): the module's state with all n clients
 (``strategy.lightning_module_state_dict()``, gathered over the ranks), the optimizer state (also gathered),
-the step and round counters and the world size. Options: ``ckpt_every`` (a ModelCheckpoint every k steps),
-``resume`` (a checkpoint path), ``log`` (CSV logs, validation every epoch and ``trainer.validate`` at the
-end), ``momentum``, ``dtype``
+the step and round counters, the world size, and what :class:`Record` saw (the steps this fit ran, the steps
+that ended a round, the collectives of every step). Every rank also writes ``<out>/<name>.rank<r>.pt``: what
+every rank must hold identically (global model, counters, round steps, logged and validation metrics) and its
+own client ids. Options: ``ckpt_every`` (a ModelCheckpoint every k steps), ``resume`` (a checkpoint path),
+``log`` (CSV logs, validation every epoch and ``trainer.validate`` at the end), ``momentum``, ``dtype``
 (``float64`` by default), ``num_clients_at_init`` (allocate the clients in the module's constructor, before
-the ranks are known), ``seed_offset_per_rank`` (give every rank another schedule seed; the run must fail,
-and rank 0 writes the error to ``<out>/<name>.err``).
+the ranks are known), ``client: "lightning"`` (a LightningModule client model that logs ``mse``),
+``seed_offset_per_rank`` (give every rank another schedule seed; the run must fail,
+and rank 0 writes the error to ``<out>/<name>.err``). Under torchrun the collectives time out after
+``COLLECTIVE_TIMEOUT_S``, so ranks that wait in different collectives fail instead of hanging.
+
+A spec ``{"name", "out", "cli": [args]}`` runs the command line instead (``FederatedCLI(args)``, what
+``train.py fit ...`` runs) and writes the same per-rank record, with the module's ``final_metrics``;
+``{"name", "out", "reduce": true}`` records ``FederatedDDPStrategy.reduce`` of rank-dependent values.
 
 The test imports :func:`run` to make the one-process references in its own process. Standalone on purpose
 (no ``tests`` imports): torchrun runs it as a script.
@@ -22,6 +30,7 @@ import json
 import os
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +45,15 @@ from torch import nn  # noqa: E402
 
 from fl_lightning import FederatedDataModule, FederatedLightningModule  # noqa: E402
 from fl_lightning.algorithms import fedavg, proxskip, sparse_proxskip  # noqa: E402
-from fl_lightning.cli import quiet_irrelevant_warnings  # noqa: E402
+from fl_lightning.callbacks import TopKPruning  # noqa: E402
+from fl_lightning.cli import FederatedCLI, quiet_irrelevant_warnings  # noqa: E402
+from fl_lightning.strategy import FederatedDDPStrategy  # noqa: E402
 
 SEED = 7
 SIZES = (7, 9, 11, 8, 10)  # 5 clients of unequal sizes: 3 + 2 on two ranks
 DIM = 6
 BATCH = 4  # stochastic minibatches (with replacement)
+COLLECTIVE_TIMEOUT_S = 90
 
 
 def presets(seed: int) -> dict[str, Any]:
@@ -50,6 +62,8 @@ def presets(seed: int) -> dict[str, Any]:
         "sparse_proxskip": lambda: sparse_proxskip(p=0.3, mode="bernoulli", density=0.5, seed=seed),
         # one client per round: in every round one of the two ranks has no participating client
         "fedavg_cohort": lambda: fedavg(local_steps=3, cohort_size=1, seed=seed),
+        # the same with TopK at the clients: the idle rank prunes, counts and averages an empty block
+        "fedavg_cohort_topk": lambda: [*fedavg(local_steps=3, cohort_size=1, seed=seed), TopKPruning(density=0.5)],
     }
 
 
@@ -66,13 +80,34 @@ def problem() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tens
     return clients, (x, x @ teacher)
 
 
+class LoggingClient(L.LightningModule):
+    """A user's LightningModule as the client model: its ``training_step`` returns the loss and ``self.log``s it
+    (the module logs Σ_i w_i of the values as ``train/mse``)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(DIM, 5), nn.Tanh(), nn.Linear(5, 1)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = ((self(x) - y) ** 2).mean()
+        self.log("mse", loss)
+        return loss
+
+
 def build(spec: dict[str, Any]) -> tuple[FederatedLightningModule, FederatedDataModule, list[Callback]]:
     L.seed_everything(SEED, verbose=False)
     dtype = getattr(torch, spec.get("dtype", "float64"))
-    model = nn.Sequential(nn.Linear(DIM, 5), nn.Tanh(), nn.Linear(5, 1)).to(dtype)
     clients, test = problem()
-    module = FederatedLightningModule(model, lr=0.05, loss="mse", momentum=spec.get("momentum", 0.0),
-                                      num_clients=len(clients) if spec.get("num_clients_at_init") else None)
+    if spec.get("client") == "lightning":
+        module = FederatedLightningModule(LoggingClient(dtype), lr=0.05)
+    else:
+        model = nn.Sequential(nn.Linear(DIM, 5), nn.Tanh(), nn.Linear(5, 1)).to(dtype)
+        module = FederatedLightningModule(model, lr=0.05, loss="mse", momentum=spec.get("momentum", 0.0),
+                                          num_clients=len(clients) if spec.get("num_clients_at_init") else None)
     dm = FederatedDataModule.from_client_tensors(clients, test=test, batch_size=BATCH, seed=SEED)
     seed = 11 + spec.get("seed_offset_per_rank", 0) * int(os.environ.get("RANK", "0"))
     return module, dm, presets(seed)[spec["preset"]]()
@@ -87,6 +122,105 @@ _EXPECTED_WARNINGS = (
 )
 
 
+# torch.distributed collectives issued by this process: name -> [calls, tensor entries] (counted under torchrun)
+COLLECTIVES: dict[str, list[int]] = {}
+_COUNTED = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "barrier")
+
+
+def count_collectives() -> None:
+    """Wrap the collectives of ``torch.distributed`` (looked up at call time by Lightning and the framework)."""
+    for name in _COUNTED:
+        original = getattr(torch.distributed, name)
+
+        def counted(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
+            entry = COLLECTIVES.setdefault(_name, [0, 0])
+            entry[0] += 1
+            if args and isinstance(args[0], torch.Tensor):
+                entry[1] += args[0].numel()
+            return _original(*args, **kwargs)
+
+        setattr(torch.distributed, name, counted)
+
+
+class Record(Callback):
+    """What this process's fit ran: the first step, the number of steps, the steps that ended a round (the
+    coin's outcomes), and the collectives of every step (from one step's end to the next, so Lightning's own
+    per-step collectives count too). A resumed fit must start at the checkpoint's step, not from scratch."""
+
+    def __init__(self) -> None:
+        self.first_step: int | None = None
+        self.steps_run = 0
+        self.round_steps: list[int] = []
+        self.collectives: list[dict[str, tuple[int, int]]] = []
+        self._rounds_before = 0
+        self._counted_before: dict[str, tuple[int, int]] = {}
+
+    def _count(self) -> dict[str, tuple[int, int]]:
+        return {k: (v[0], v[1]) for k, v in COLLECTIVES.items()}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._counted_before = self._count()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.first_step is None:
+            self.first_step = trainer.global_step
+        self._rounds_before = pl_module.round_index
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.steps_run += 1
+        if pl_module.round_index != self._rounds_before:
+            self.round_steps.append(trainer.global_step)
+        now = self._count()
+        before = self._counted_before
+        self.collectives.append({k: (c - before.get(k, (0, 0))[0], e - before.get(k, (0, 0))[1])
+                                 for k, (c, e) in now.items() if c != before.get(k, (0, 0))[0]})
+        self._counted_before = now
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"first_step": self.first_step, "steps_run": self.steps_run, "round_steps": self.round_steps,
+                "collectives": self.collectives}
+
+
+def _shared(trainer: L.Trainer, module: FederatedLightningModule) -> dict[str, Any]:
+    """What every rank holds for itself and must agree on, and the rank's own client ids."""
+    return {
+        "rank": trainer.global_rank,
+        "local_clients": module.client_ids.tolist(),
+        "global_model": {k: v.detach().cpu().clone() for k, v in module.global_model.state_dict().items()},
+        "comm": {k: v.detach().cpu().clone() for k, v in module.comm.state_dict().items()},
+        "round_index": module.round_index,
+        "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
+
+
+def _save_per_rank(out: Path, name: str, rank: int, record: dict[str, Any]) -> None:
+    torch.save(record, out / f"{name}.rank{rank}.pt")
+
+
+def run_cli(spec: dict[str, Any]) -> dict[str, Any]:
+    """The command line (``train.py fit ...``) on this process, or on every rank under torchrun."""
+    cli = FederatedCLI(args=spec["cli"])
+    trainer, module = cli.trainer, cli.model
+    record = {**_shared(trainer, module), "final_metrics": dict(module.final_metrics),
+              "global_step": trainer.global_step, "world_size": trainer.world_size}
+    _save_per_rank(Path(spec["out"]), spec["name"], trainer.global_rank, record)
+    return record
+
+
+def run_reduce(spec: dict[str, Any]) -> dict[str, Any]:
+    """``FederatedDDPStrategy.reduce`` on this process group: every rank contributes rank + 1."""
+    strategy = FederatedDDPStrategy()
+    rank = torch.distributed.get_rank()
+    ops: dict[str, Any] = {"sum": "sum", "mean": "mean", "avg_op": torch.distributed.ReduceOp.AVG,
+                           "max": "max", "min": "min", "none": None}
+    record: dict[str, Any] = {k: strategy.reduce(torch.tensor([rank + 1.0]), reduce_op=op).tolist()
+                              for k, op in ops.items()}
+    record["int_mean"] = strategy.reduce(torch.tensor([rank + 1]), reduce_op="mean").tolist()
+    _save_per_rank(Path(spec["out"]), spec["name"], rank, record)
+    return record
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """One run; the world size comes from the environment (torchrun's ``WORLD_SIZE``, else 1)."""
     with warnings.catch_warnings():
@@ -99,6 +233,8 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(spec["out"])
     module, dm, callbacks = build(spec)
+    recorder = Record()
+    callbacks.append(recorder)
     if spec.get("ckpt_every"):
         callbacks.append(ModelCheckpoint(dirpath=out / f"{spec['name']}_ckpt", filename="{step}",
                                          every_n_train_steps=spec["ckpt_every"], save_top_k=-1))
@@ -108,7 +244,10 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
         log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=bool(spec.get("ckpt_every")), num_sanity_val_steps=0,
         limit_val_batches=1.0 if spec.get("log") else 0,
-        **({"strategy": "federated_ddp", "devices": int(os.environ["LOCAL_WORLD_SIZE"])} if world > 1 else {}),
+        # a short collective timeout: ranks that wait in different collectives fail with gloo's message (which
+        # names the collective) well before the test's launch timeout
+        **({"strategy": FederatedDDPStrategy(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)),
+            "devices": int(os.environ["LOCAL_WORLD_SIZE"])} if world > 1 else {}),
     )
     if spec.get("seed_offset_per_rank"):
         try:
@@ -128,10 +267,13 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
         "round_index": module.round_index,
         "world_size": trainer.world_size,
         "local_clients": module.client_ids.tolist(),
+        **recorder.as_dict(),
     }
+    shared = {**_shared(trainer, module), **recorder.as_dict()}
     if spec.get("log"):  # the evaluation loop on its own (no fitting: the client blocks are not re-broadcast)
         metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
-        result["validate"] = {k: float(v) for k, v in metrics.items()}
+        result["validate"] = shared["validate"] = {k: float(v) for k, v in metrics.items()}
+    _save_per_rank(out, spec["name"], trainer.global_rank, shared)
     if trainer.is_global_zero:
         torch.save(result, out / f"{spec['name']}.pt")
     return result
@@ -139,9 +281,15 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(spec_file: str) -> None:
     quiet_irrelevant_warnings()
+    count_collectives()
     try:
         for spec in json.loads(Path(spec_file).read_text()):
-            run(spec)
+            if "cli" in spec:
+                run_cli(spec)
+            elif "reduce" in spec:
+                run_reduce(spec)
+            else:
+                run(spec)
     finally:
         # Lightning keeps the process group for later fits; tearing it down before the interpreter exits keeps
         # gloo's threads from being destroyed while still running ("terminate called without an active exception")
