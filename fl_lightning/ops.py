@@ -85,27 +85,23 @@ def count_rows(rows: Tensor) -> Tensor:
     """Non-zeros in each row of ``rows`` [c, m] (int64 [c]), exact; NaN counts as non-zero.
 
     On the CPU, ``torch.count_nonzero(rows, dim=1)`` casts a boolean tensor to int64 and reduces it at a
-    small fraction of the memory bandwidth. ``min(ceil(|x|), 1)`` is 1 for every non-zero (±inf and
-    subnormals included), 0 for ±0 and NaN for NaN; computed block by block in a reused 1 MiB buffer and
-    summed per row it is exact (block sums are integers ≤ 2¹⁸) and 10-15x faster. Rows with a NaN are
-    counted again with ``count_nonzero``. Accelerators and other dtypes keep ``count_nonzero`` (no host
-    synchronisation)."""
+    small fraction of the memory bandwidth. Instead, ``x != 0`` (True for every non-zero, ±inf, subnormals
+    and NaN; False for ±0) is written as 0/1 into a reused float32 buffer of 2¹⁸ entries, block by block,
+    and summed per row: exact (block sums are integers ≤ 2¹⁸ < 2²⁴) and about 10x faster, with no host
+    synchronisation. Accelerators and other dtypes keep ``count_nonzero``."""
     if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.float64) or rows.numel() == 0:
         return torch.count_nonzero(rows, dim=1)
     c, m = rows.shape
     row_step = max(1, _COUNT_BLOCK // m)
     col_step = min(m, _COUNT_BLOCK)
-    buf = torch.empty(min(row_step, c) * col_step, dtype=rows.dtype)
+    buf = torch.empty(min(row_step, c) * col_step, dtype=torch.float32)
     nnz = torch.zeros(c, dtype=torch.float64)
     for i in range(0, c, row_step):
         for j in range(0, m, col_step):
             block = rows[i : i + row_step, j : j + col_step]
             out = buf[: block.numel()].view(block.shape)
-            torch.abs(block, out=out).ceil_().clamp_(max=1.0)
+            torch.ne(block, 0, out=out)
             nnz[i : i + row_step] += out.sum(1)
-    nan = nnz.isnan()
-    if bool(nan.any()):
-        nnz[nan] = torch.count_nonzero(rows[nan], dim=1).to(nnz.dtype)
     return nnz.long()
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fl_lightning.comm import encoded_bits, message_bits
+from fl_lightning.ops import count_rows
 
 
 def test_encodings_follow_their_formulas_and_auto_takes_the_smallest() -> None:
@@ -30,3 +31,22 @@ def test_message_bits_count_non_zeros_per_client_across_tensors() -> None:
 def test_unknown_encoding_is_rejected() -> None:
     with pytest.raises(ValueError, match="encoding"):
         encoded_bits(torch.tensor([1]), 4, "huffman")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 7), (100, 4867), (1, 2**18 + 5), (2**10 + 3, 300)],
+                         ids=["tiny", "rows-per-block", "row-longer-than-a-block", "block-boundary-inside-rows"])
+def test_fast_row_count_equals_count_nonzero_with_nan_inf_signed_zero_and_subnormals(shape, dtype) -> None:
+    """The CPU fast path of count_rows (0/1 blocks in a reused buffer) against torch's exact count_nonzero:
+    shapes that split rows across blocks and blocks across rows, and the values that break naive tests
+    (|x| > 0 misses NaN; sign tricks miss -0.0; float16 casts flush subnormals)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=dtype)
+    x[x.abs() < 0.7] = 0.0
+    flat = x.view(-1)
+    tiny = torch.finfo(dtype).tiny / 4  # subnormal
+    special = [float("nan"), float("inf"), -float("inf"), -0.0, tiny, -tiny]
+    picks = torch.randint(0, flat.numel(), (len(special),), generator=g)
+    for pos, value in zip(picks.tolist(), special):
+        flat[pos] = value
+    assert torch.equal(count_rows(x), torch.count_nonzero(x, dim=1))
