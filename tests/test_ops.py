@@ -378,17 +378,19 @@ def test_prunable_selects_weights_only():
 
 # --------------------------------------------------------------------------------------------- properties
 _shape = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
+# n clients of a random model (tensors of random shapes, with or without ties), a density and a TopK scope
+_TOPK_CASES = {
+    "n": st.integers(1, 4),
+    "shapes": st.lists(_shape, min_size=1, max_size=3),
+    "dens": st.floats(0.001, 1.0),
+    "scope": st.sampled_from(["global", "layer"]),
+    "ties": st.booleans(),
+    "seed": st.integers(0, 2**31 - 1),
+}
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    n=st.integers(1, 4),
-    shapes=st.lists(_shape, min_size=1, max_size=3),
-    dens=st.floats(0.001, 1.0),
-    scope=st.sampled_from(["global", "layer"]),
-    ties=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
+@given(**_TOPK_CASES)
 def test_property_topk_count_and_order(n, shapes, dens, scope, ties, seed):
     x = _rand_state(n, {f"t{i}": s for i, s in enumerate(shapes)}, seed=seed, ties=ties)
     m = topk_mask(x, dens, scope=scope)
@@ -485,14 +487,7 @@ def test_property_stochastic_quantize_is_unbiased(d, exponent, bits, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    n=st.integers(1, 4),
-    shapes=st.lists(_shape, min_size=1, max_size=3),
-    dens=st.floats(0.001, 1.0),
-    scope=st.sampled_from(["global", "layer"]),
-    ties=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
+@given(**_TOPK_CASES)
 def test_property_topk_is_a_contractive_idempotent_compressor(n, shapes, dens, scope, ties, seed):
     """TopK_δ as a compressor: ‖x − C(x)‖² ≤ (1 − k/d)‖x‖² per client (per tensor for the layer scope), the
     bound of a contractive compressor (it drops the d − k smallest squares, whose mean is at most the mean
