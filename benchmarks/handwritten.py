@@ -129,18 +129,26 @@ class HandwrittenProxSkip:
     def step(self, t: int) -> Tensor:
         """Local step t of every client (and the round when t + 1 is a multiple of k); the mean loss."""
         x, y = self.data.sample(t, self.batch_size)
+        losses, grads = self.losses_and_grads(x, y)
+        with torch.no_grad():
+            self.update(grads)
+            if (t + 1) % self.k == 0:
+                self.communicate()
+        return losses.detach().mean()
+
+    def losses_and_grads(self, x: Tensor, y: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """f_i of every client on its minibatch [n], and the gradients of Σ_i f_i (one autograd backward)."""
         logits = self.model(x)
         n, batch = y.shape
         losses = F.cross_entropy(logits.reshape(n * batch, -1), y.reshape(-1), reduction="none").view(n, batch)
         losses = losses.mean(1)
-        grads = torch.autograd.grad(losses.sum(), self.params)
-        with torch.no_grad():
-            for p, g, h in zip(self.params, grads, self.h):
-                g.sub_(h)
-                p.add_(g, alpha=-self.lr)
-            if (t + 1) % self.k == 0:
-                self.communicate()
-        return losses.detach().mean()
+        return losses, torch.autograd.grad(losses.sum(), self.params)
+
+    def update(self, grads: Sequence[Tensor]) -> None:
+        """x_i ← x_i − γ (g_i − h_i), as two passes: the shift g ← g − h, then the SGD step."""
+        for p, g, h in zip(self.params, grads, self.h):
+            g.sub_(h)
+            p.add_(g, alpha=-self.lr)
 
     @torch.no_grad()
     def communicate(self) -> None:
