@@ -146,3 +146,22 @@ def test_the_shipped_grid_is_the_readme_table(tmp_path: Path) -> None:
     assert "sparse_proxskip-d0.1-p0.2-s0" in names and "server_pruning-d0.05-p0.2-s0" in names
     cmd = command(grid, grid.runs()[0])
     assert cmd[cmd.index("--model.algorithm.mode") + 1] == "fixed"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "grids").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_grid_gives_runs_the_cli_accepts(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run of each shipped grid is a command line that LightningCLI parses and instantiates (no fit)."""
+    from fl_lightning.cli import FederatedCLI
+
+    monkeypatch.chdir(ROOT)
+    grid = Grid.load(path)
+    assert grid.runs()
+    for run in grid.runs():
+        cli = FederatedCLI(args=command(grid, run)[3:], run=False)  # after "python train.py fit"
+        algorithm = cli.model.hparams["algorithm"]
+        assert algorithm["name"] == run.preset and algorithm["p"] == pytest.approx(run.p)
+        assert algorithm.get("density") == run.density
+    if path.stem == "fashion_mnist_wide":  # the grid's own overrides reach the model and the trainer
+        assert sum(p.numel() for p in cli.model.global_model.parameters()) == 784 * 256 + 256 + 256 * 10 + 10
+    if path.stem == "fashion_mnist_long":
+        assert cli.trainer.max_steps == 6000
