@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fl_lightning.ops import count_rows
+from fl_lightning.ops import nonzeros
 
 Encoding = Literal["auto", "dense", "coo", "bitmask"]
 ENCODINGS: tuple[str, ...] = ("auto", "dense", "coo", "bitmask")
@@ -43,22 +43,13 @@ def encoded_bits(nnz: Tensor, d: int, encoding: Encoding = "auto") -> Tensor:
     return torch.minimum(dense, torch.minimum(coo, bitmask))
 
 
-def count_nonzero(tensors: Mapping[str, Tensor], *, stacked: bool) -> tuple[Tensor, int]:
-    """Non-zeros per client ([c], when ``stacked``) or in total (scalar), and the entries per model d."""
-    # explicit row length: ``-1`` cannot be inferred for zero clients (a rank without participants)
-    nnz = sum(count_rows(t.reshape(t.shape[0], t.shape[1:].numel())) if stacked else torch.count_nonzero(t)
-              for t in tensors.values())
-    d = sum((t.shape[1:].numel() if stacked else t.numel()) for t in tensors.values())
-    return torch.as_tensor(nnz), d
-
-
 def message_bits(tensors: Mapping[str, Tensor], encoding: Encoding = "auto", *, stacked: bool) -> Tensor:
     """Bits of each client's message ([c], ``stacked``) or of a single message (scalar)."""
     if encoding == "dense":  # 32·d whatever the non-zeros: no pass over the message
         first = next(iter(tensors.values()))
         d = sum((t.shape[1:].numel() if stacked else t.numel()) for t in tensors.values())
         return encoded_bits(torch.zeros(first.shape[:1] if stacked else (), device=first.device), d, "dense")
-    nnz, d = count_nonzero(tensors, stacked=stacked)
+    nnz, d = nonzeros(tensors, stacked=stacked)
     return encoded_bits(nnz, d, encoding)
 
 

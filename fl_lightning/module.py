@@ -23,10 +23,10 @@ import fl_lightning.strategy  # noqa: F401  (registers Trainer(strategy="federat
 from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.callbacks.schedule import SkipSchedule
 from fl_lightning.clients import ClientState, TensorGroup
-from fl_lightning.comm import ENCODINGS, CommCounter, Encoding, count_nonzero, encoded_bits, message_bits
+from fl_lightning.comm import ENCODINGS, CommCounter, Encoding, encoded_bits, message_bits
 from fl_lightning.losses import LossCallable, resolve_loss
 from fl_lightning.objective import ClientBatch, LocalObjective
-from fl_lightning.ops import density
+from fl_lightning.ops import density, nonzeros
 from fl_lightning.round import Round, Tensors
 
 if TYPE_CHECKING:
@@ -468,7 +468,7 @@ class FederatedLightningModule(LightningModule):
         # non-zeros of every x̂_i (one pass over the stacked models), for the clients' density and, when no hook
         # changed the uplink (u_i = x̂_i, as when clients prune), for its bits too
         idle = len(weights) == 0  # none of this process's clients is in the cohort
-        local_nnz, d = (weights.new_zeros(0), 1) if idle else count_nonzero(rnd.local, stacked=True)
+        local_nnz, d = (weights.new_zeros(0), 1) if idle else nonzeros(rnd.local, stacked=True)
         if rnd.uplink_bits is not None:
             up_bits = rnd.uplink_bits
         elif idle:

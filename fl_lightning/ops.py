@@ -336,12 +336,10 @@ def quantized_bits(d: int, bits: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------- statistics
-def density(tensors: Mapping[str, Tensor], *, stacked: bool) -> Tensor:
-    """Fraction of non-zero entries, nnz / d, over all given tensors (1 − sparsity, DESIGN §1.1).
-
-    Returns a float32 tensor on the tensors' device: shape ``[n]`` (per client) when ``stacked``,
-    a 0-d tensor otherwise. No host synchronisation. NaN counts as non-zero.
-    """
+def nonzeros(tensors: Mapping[str, Tensor], *, stacked: bool) -> tuple[Tensor, int]:
+    """Non-zeros over all given tensors, per client (int64 ``[n]``) when ``stacked``, else in total (0-d),
+    and the number of entries d they are counted out of (per client when ``stacked``). NaN counts as
+    non-zero; no host synchronisation."""
     n = _check_stacked(tensors, stacked)
     nnz: Tensor | None = None
     d = 0
@@ -351,10 +349,19 @@ def density(tensors: Mapping[str, Tensor], *, stacked: bool) -> Tensor:
         nnz = c if nnz is None else nnz + c
         d += rows.shape[1]
     assert nnz is not None
+    return (nnz if stacked and n is not None else nnz.reshape(())), d
+
+
+def density(tensors: Mapping[str, Tensor], *, stacked: bool) -> Tensor:
+    """Fraction of non-zero entries, nnz / d, over all given tensors (1 − sparsity, DESIGN §1.1).
+
+    Returns a float32 tensor on the tensors' device: shape ``[n]`` (per client) when ``stacked``,
+    a 0-d tensor otherwise. No host synchronisation. NaN counts as non-zero.
+    """
+    nnz, d = nonzeros(tensors, stacked=stacked)
     if d == 0:
         raise ValueError("tensors have no entries")
-    frac = nnz.to(torch.float32) / d
-    return frac if stacked and n is not None else frac.reshape(())
+    return nnz.to(torch.float32) / d
 
 
 # --------------------------------------------------------------------------------------------- selection
