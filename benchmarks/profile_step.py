@@ -114,6 +114,47 @@ def profile(path: str, model: str, clients: int, steps: int, k: int) -> dict[str
     return out
 
 
+def isolated_objective(path: str, model: str, clients: int, steps: int) -> float:
+    """Milliseconds per (sample + forward + loss + backward) alone, in a tight loop without updates or rounds:
+    the framework's ``LocalObjective`` on stacked parameters, or the hand-written ``losses_and_grads``."""
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(HERE))
+    from bench_clients import Config, _synthetic_clients, build_model
+    from handwritten import ClientData, HandwrittenProxSkip, stacked_model
+
+    from fl_lightning.clients import ClientState
+    from fl_lightning.losses import resolve_loss
+    from fl_lightning.objective import ClientBatch, LocalObjective
+
+    cfg = Config(model, clients, path)
+    data = ClientData.from_clients(_synthetic_clients(cfg), seed=123, device=torch.device("cpu"))
+    template = build_model(model)
+    if path == "handwritten":
+        hand = HandwrittenProxSkip(stacked_model(template, clients), data, lr=cfg.lr, k=cfg.k,
+                                   batch_size=cfg.batch_size)
+
+        def once(t: int) -> None:
+            hand.losses_and_grads(*data.sample(t, cfg.batch_size))
+    else:
+        objective = LocalObjective(template, resolve_loss("cross_entropy"))
+        params = dict(ClientState(template, clients).x.items())
+
+        def once(t: int) -> None:
+            x, y = data.sample(t, cfg.batch_size)
+            for p in params.values():
+                p.grad = None
+            losses, _ = objective.vectorized(params, {}, ClientBatch(x, y))
+            losses.sum().backward()
+    for t in range(10):
+        once(t)
+    start = time.perf_counter()
+    for t in range(10, 10 + steps):
+        once(t)
+    return 1e3 * (time.perf_counter() - start) / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="logreg", choices=("logreg", "mlp", "cnn"))
@@ -124,7 +165,9 @@ def main() -> None:
     parser.add_argument("--path", choices=("framework", "handwritten"), help=argparse.SUPPRESS)  # one child run
     args = parser.parse_args()
     if args.path:
-        print(json.dumps(profile(args.path, args.model, args.clients, args.steps, args.k)))
+        out = profile(args.path, args.model, args.clients, args.steps, args.k)
+        out["sample + forward + backward, alone"] = isolated_objective(args.path, args.model, args.clients, args.steps)
+        print(json.dumps(out))
         return
     runs: dict[str, list[dict[str, float]]] = {"framework": [], "handwritten": []}
     for _ in range(args.repeats):
