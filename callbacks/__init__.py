@@ -1,6 +1,7 @@
 """The callbacks that carry the federated algorithms (installed as ``fl_lightning.callbacks``)."""
 
 from fl_lightning.callbacks.base import FederatedCallback
+from fl_lightning.callbacks.checkpointing import LastOnInterrupt, find_last_checkpoint
 from fl_lightning.callbacks.compression import Compression
 from fl_lightning.callbacks.control_variates import ControlVariates
 from fl_lightning.callbacks.divergence import DivergenceError, DivergenceGuard
@@ -23,9 +24,11 @@ __all__ = [
     "FederatedProgressBar",
     "GracefulInterrupt",
     "L1Prox",
+    "LastOnInterrupt",
     "LayerDensity",
     "RunSummary",
     "SkipSchedule",
     "TopKPruning",
     "WandbFederatedMetrics",
+    "find_last_checkpoint",
 ]

@@ -35,12 +35,14 @@ class GracefulInterrupt(Callback):
 
     Attributes:
         requested: a Ctrl-C arrived and the run will stop at the next consistent point.
+        stopped_cleanly: the run was stopped at such a point (a checkpoint now resumes exactly).
     """
 
     def __init__(self) -> None:
         self._previous: Any = None
         self._installed = False
         self.requested = False
+        self.stopped_cleanly = False
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:  # second Ctrl-C: give up waiting
@@ -61,6 +63,7 @@ class GracefulInterrupt(Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
             self._restore()
+            self.stopped_cleanly = True
             raise KeyboardInterrupt
 
     @override
@@ -71,7 +74,7 @@ class GracefulInterrupt(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.requested = False
+        self.requested = self.stopped_cleanly = False
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._handler)

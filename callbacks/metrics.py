@@ -38,15 +38,15 @@ CONFIG_FILE = "lightning_config.yaml"
 
 
 def algorithm_of(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
-    """The run's algorithm: the preset's ``describe()`` dict (``module.hparams["algorithm"]``); for callbacks
+    """The run's algorithm: the preset's ``describe()`` dict (``module.algorithm.describe()``); for callbacks
     given to the Trainer by hand, ``{"name": "custom", "p": ..., "density": ...}`` read from its
     :class:`~fl_lightning.callbacks.SkipSchedule` and :class:`~fl_lightning.callbacks.TopKPruning`; else None."""
     from fl_lightning.callbacks.pruning import TopKPruning
     from fl_lightning.callbacks.schedule import SkipSchedule
 
-    algorithm = pl_module.hparams.get("algorithm")
-    if algorithm:
-        return dict(algorithm)
+    algorithm = getattr(pl_module, "algorithm", None)
+    if algorithm is not None and hasattr(algorithm, "describe"):
+        return dict(algorithm.describe())
     described: dict[str, Any] = {}
     for cb in trainer.callbacks:
         if isinstance(cb, SkipSchedule):
@@ -103,7 +103,7 @@ class WandbFederatedMetrics(Callback):
       default (``step_metric``), with ``val/acc``'s best value (max) and ``val/loss``'s (min) in the run
       summary. Train metrics keep Lightning's x-axis, ``trainer/global_step``. All of them are logged in the
       same rows as the ``comm/*`` counters, so any panel can switch its x-axis to bits or steps.
-    - the run name says the preset, density and p: ``run_name(module.hparams["algorithm"])``, e.g.
+    - the run name says the preset, density and p: ``run_name(module.algorithm.describe())``, e.g.
       ``sparse_proxskip-d0.1-p0.2`` (callbacks composed by hand give ``custom-d0.1-p0.2``, see
       :func:`algorithm_of`). A name the logger was given comes first: ``--trainer.logger WandbLogger`` on the
       quickstart keeps the CSV logger's ``name: quickstart`` and gives ``quickstart-proxskip-p0.2``
@@ -143,6 +143,15 @@ class WandbFederatedMetrics(Callback):
             run.config.update({**config, "algorithm": algorithm}, allow_val_change=True)
             if config:
                 Path(run.dir, CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning has logged the module's hyper-parameters by now, the preset as its class_path spec: the
+        # config's "algorithm" is the readable describe() dict again (name, p, density, ...)
+        logger = find_wandb_logger(trainer)
+        first = next(cb for cb in trainer.callbacks if isinstance(cb, WandbFederatedMetrics))
+        if logger is not None and trainer.is_global_zero and first is self and self.log_config:
+            logger.experiment.config.update({"algorithm": algorithm_of(trainer, pl_module)}, allow_val_change=True)
 
     @staticmethod
     def run_display_name(given: str | None, algorithm: dict[str, Any] | None) -> str:

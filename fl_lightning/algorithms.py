@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +25,7 @@ from fl_lightning.callbacks.compression import Method
 from fl_lightning.callbacks.control_variates import Reference
 from fl_lightning.callbacks.pruning import ParamSelection
 from fl_lightning.callbacks.schedule import ScheduleMode
+from fl_lightning.hparams import to_plain
 from fl_lightning.ops import Scope
 from fl_lightning.registry import Registry
 
@@ -36,8 +39,15 @@ class Algorithm:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        """The preset's name and hyper-parameters (stored with the run's hyper-parameters)."""
-        return {"name": self.name, **asdict(self)}  # type: ignore[call-overload]
+        """The preset's name and hyper-parameters (run names, legends, ``wandb.config["algorithm"]``)."""
+        return {"name": self.name, **to_plain(asdict(self))}  # type: ignore[call-overload]
+
+    def spec(self) -> dict[str, Any]:
+        """The preset as LightningCLI writes it, ``{"class_path": ..., "init_args": {...}}`` of plain Python
+        values: what checkpoints store in their hyper-parameters, so ``--ckpt_path`` and
+        ``load_from_checkpoint`` can re-parse it."""
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": to_plain(asdict(self))}  # type: ignore[call-overload]
 
     def __post_init__(self) -> None:
         self.callbacks()  # invalid values fail at construction, with the callback's message
@@ -62,6 +72,47 @@ def get_algorithm(name: str, **kwargs: Any) -> Algorithm:
     if unknown:
         raise ValueError(f"{name} does not take {sorted(unknown)}; it accepts {sorted(accepted)}")
     return cls(**kwargs)
+
+
+def class_path_of(name: str) -> str:
+    """The import path of the preset registered as ``name`` (``sparse_proxskip`` →
+    ``fl_lightning.algorithms.SparseProxSkip``), for ``--model.algorithm sparse_proxskip``."""
+    cls = ALGORITHMS.get(name)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def resolve_algorithm(value: Algorithm | Mapping[str, Any] | str | None) -> Algorithm | None:
+    """An :class:`Algorithm` from what a user or a checkpoint gives: an instance, a preset name
+    (``"sparse_proxskip"``), ``{"class_path": ..., "init_args": {...}}`` (:meth:`Algorithm.spec`, also with a
+    preset name as class path) or a ``describe()`` dict ``{"name": ..., **hyper-parameters}`` (checkpoints of
+    version 0.1). Only registered presets and already imported subclasses are built: a checkpoint cannot
+    make this import code."""
+    if value is None or isinstance(value, Algorithm):
+        return value
+    if isinstance(value, str):
+        return get_algorithm(value) if value in ALGORITHMS else _class_named(value)()
+    if not isinstance(value, Mapping):
+        raise TypeError(f"algorithm must be a preset, its name or its spec dict, got {type(value).__name__}")
+    if "class_path" in value:
+        path = str(value["class_path"])
+        cls = ALGORITHMS.get(path) if path in ALGORITHMS else _class_named(path)
+        return cls(**dict(value.get("init_args") or {}))
+    if "name" in value:
+        kwargs = {k: v for k, v in value.items() if k != "name"}
+        return get_algorithm(str(value["name"]), **kwargs)
+    raise ValueError(f"an algorithm spec needs 'class_path' (and 'init_args') or 'name', got keys {sorted(value)}")
+
+
+def _class_named(path: str) -> type[Algorithm]:
+    module_name, _, cls_name = path.rpartition(".")
+    module = sys.modules.get(module_name)
+    cls = getattr(module, cls_name, None) if module is not None else None
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise ValueError(
+            f"unknown algorithm {path!r}: give a preset name ({', '.join(ALGORITHMS.names())}) or the import "
+            "path of an Algorithm subclass whose module is imported"
+        )
+    return cls
 
 
 def _preset_function(cls: type[Algorithm]) -> Any:
@@ -278,7 +329,7 @@ fedcomloc = _preset_function(FedComLoc)
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "FedAvg", "FedComLoc", "ProxSkip", "RandProxL1", "ServerPruning",
-    "ServerPruningModified", "SparseProxSkip", "SparseProxSkipLocal", "fedavg", "fedcomloc", "get_algorithm",
-    "proxskip", "randprox_l1", "register_algorithm", "server_pruning", "server_pruning_modified",
+    "ServerPruningModified", "SparseProxSkip", "SparseProxSkipLocal", "class_path_of", "fedavg", "fedcomloc",
+    "get_algorithm", "proxskip", "randprox_l1", "register_algorithm", "resolve_algorithm", "server_pruning", "server_pruning_modified",
     "sparse_proxskip", "sparse_proxskip_local",
 ]

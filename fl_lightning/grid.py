@@ -16,14 +16,18 @@ metrics is written as Markdown and CSV::
     out: results/fashion_mnist
 
 Each run logs to ``<out>/runs/<name>/`` (CSV) and writes ``<out>/runs/<name>/final.json``; a run whose
-``final.json`` exists is not run again. A failed run does not stop the others: the table lists the
-finished ones, the failures are listed with their logs, and the command exits with status 1.
+``final.json`` exists is not run again, as long as it was made with the same fully resolved config (every
+config file's contents, ``args`` and the grid's values, as ``train.py fit --print_config`` would print it; its
+SHA-256 is stored in ``final.json``): change anything and the run is repeated. A failed run does not stop
+the others: the table lists the finished ones, the failures are listed with their logs, and the command
+exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import inspect
 import itertools
 import json
@@ -145,12 +149,49 @@ def final_metrics(metrics_csv: Path) -> dict[str, float]:
     return last
 
 
-def execute(grid: Grid, run: Run, log: Any = None) -> dict[str, Any]:
-    """Run one point unless its ``final.json`` exists; return its final metrics."""
+class _Parsed(Exception):
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def resolved_config(grid: Grid, run: Run) -> str:
+    """The run's config as LightningCLI resolves it (YAML text, nothing instantiated): its identity."""
+    import warnings
+
+    from fl_lightning.cli import FederatedCLI
+
+    class _ParseOnly(FederatedCLI):
+        def before_instantiate_classes(self) -> None:
+            raise _Parsed(self.parser.dump(self.config, skip_none=False))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "args given while sys.argv holds the grid's own arguments"
+            _ParseOnly(args=command(grid, run)[2:], run=True)
+    except _Parsed as parsed:
+        return parsed.text
+    raise RuntimeError(f"run {run.name}: the config could not be resolved")  # pragma: no cover
+
+
+def config_digest(grid: Grid, run: Run) -> str:
+    """SHA-256 of :func:`resolved_config`, with the grid's ``out`` directory written as ``<out>`` (a moved
+    results directory keeps its runs)."""
+    text = resolved_config(grid, run).replace(str(_run_dir(grid, run).parent.parent), "<out>")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def execute(grid: Grid, run: Run, log: Any = None, digest: str | None = None) -> dict[str, Any]:
+    """Run one point unless its ``final.json`` exists and was made with the same resolved config (``digest``,
+    computed here if not given); return its final metrics."""
     run_dir = _run_dir(grid, run)
     done = run_dir / "final.json"
+    digest = digest or config_digest(grid, run)
     if done.exists():
-        return json.loads(done.read_text())
+        previous = json.loads(done.read_text())
+        if previous.get("config_sha256") == digest:
+            return previous
+        if log is not None:
+            log(f"rerunning {run.name}: its config changed since {done} was written")
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with (run_dir / "stdout.log").open("w") as out:
@@ -162,7 +203,7 @@ def execute(grid: Grid, run: Run, log: Any = None) -> dict[str, Any]:
                            f"see {run_dir / 'stdout.log'}")
     metrics = final_metrics(run_dir / "metrics.csv")
     result = {"name": run.name, "preset": run.preset, "density": run.density, "p": run.p, "seed": run.seed,
-              **{k: metrics.get(k) for k in FINAL_METRICS}}
+              **{k: metrics.get(k) for k in FINAL_METRICS}, "config_sha256": digest}
     done.write_text(json.dumps(result, indent=1))
     if log is not None:
         log(f"done {run.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()
@@ -234,10 +275,17 @@ def write_tables(results: Sequence[dict[str, Any]], out: Path, baseline: str | N
 def run_grid(grid: Grid, runs: Sequence[Run], jobs: int = 1, log: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Execute ``runs`` (``jobs`` at a time); return the finished runs' results (in ``runs`` order) and the
     error of every run that failed. A failure does not stop the other runs."""
+    results: list[dict[str, Any]] = []
+    failures: list[str] = []
+    digests: dict[Run, str] = {}
+    for run in runs:  # parsed here, one after the other: jsonargparse is not thread-safe
+        try:
+            digests[run] = config_digest(grid, run)
+        except (Exception, SystemExit) as err:  # a config that does not parse (jsonargparse exits) fails the run
+            why = "the parser's message is above" if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}"
+            failures.append(f"run {run.name}: its config does not parse ({why})")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [(run, pool.submit(execute, grid, run, log)) for run in runs]
-        results: list[dict[str, Any]] = []
-        failures: list[str] = []
+        futures = [(run, pool.submit(execute, grid, run, log, digests[run])) for run in runs if run in digests]
         for run, future in futures:
             try:
                 results.append(future.result())

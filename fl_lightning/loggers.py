@@ -1,6 +1,6 @@
 """Logger helpers: run names from the algorithm preset, the resolved CLI config, and W&B offline runs read back.
 
-- :func:`run_name` / :func:`run_label` turn the preset's ``describe()`` dict (``module.hparams["algorithm"]``)
+- :func:`run_name` / :func:`run_label` turn the preset's ``describe()`` dict (``module.algorithm.describe()``)
   into ``sparse_proxskip-d0.1-p0.2`` (a W&B run name) or ``sparse_proxskip δ=0.1 p=0.2`` (a legend entry).
 - :func:`algorithm_from_config` recovers that dict from a LightningCLI ``config.yaml``.
 - :func:`find_wandb_logger` and :func:`cli_config` find a run's WandbLogger and its resolved CLI config.

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -23,9 +25,19 @@ import fl_lightning.strategy  # noqa: F401  (registers Trainer(strategy="federat
 from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.callbacks.schedule import SkipSchedule
 from fl_lightning.clients import ClientState, TensorGroup
+from fl_lightning.algorithms import resolve_algorithm
+from fl_lightning.callbacks.divergence import DivergenceError
 from fl_lightning.comm import ENCODINGS, CommCounter, Encoding, encoded_bits, message_bits
+from fl_lightning.hparams import given_init_config, to_plain
 from fl_lightning.losses import LossCallable, resolve_loss
-from fl_lightning.objective import ClientBatch, LocalObjective
+from fl_lightning.objective import ClientBatch, LocalObjective, shadow_log
+from fl_lightning.optim import (
+    OptimizerSpec,
+    build_local_optimizer,
+    build_lr_scheduler,
+    client_optimizer_spec,
+    optimizer_class,
+)
 from fl_lightning.ops import density, nonzeros
 from fl_lightning.round import Round, Tensors
 
@@ -58,12 +70,24 @@ class FederatedLightningModule(LightningModule):
         clients_per_chunk: at most this many clients per forward/backward (bounds activation memory).
         algorithm: an :class:`~fl_lightning.algorithms.Algorithm` preset whose callbacks are added to the
             Trainer's (``configure_callbacks``). Callbacks can also be given to the Trainer directly.
-        momentum, weight_decay: of the local SGD steps (momentum is per client; it interacts with the
-            control variates, so the theory's default is 0).
+        momentum, weight_decay: of the default local optimizer, SGD (momentum is per client; it interacts
+            with the control variates, so the theory's default is 0).
+        optimizer: the local optimizer instead of SGD, elementwise over the stacked clients: a
+            ``torch.optim`` class name (``"Adam"``) or ``{"class_path": ..., "init_args": {...}}``
+            (:mod:`fl_lightning.optim`; LightningCLI's ``--optimizer Adam`` sets it). Its step size is ``lr``.
+            Default: the client LightningModule's own ``configure_optimizers`` if it has one, else SGD.
         encoding: how message bits are counted: ``auto`` (the smallest), ``dense``, ``coo``, ``bitmask``.
         eval_every: also evaluate the global model on the held-out split after every ``eval_every``
             rounds (logged at that step); the usual Lightning validation loop runs as configured.
         num_clients: allocate client state now rather than from the datamodule at ``setup``.
+        check_finite: stop training with a :class:`~fl_lightning.callbacks.DivergenceError` when the loss is
+            NaN/Inf, checked at every logging step and round and before every checkpoint (one host
+            synchronisation each; :class:`~fl_lightning.callbacks.DivergenceGuard` also checks the weights).
+
+    Hyper-parameters are saved as plain Python values: the preset as ``{"class_path", "init_args"}``
+    (:meth:`~fl_lightning.algorithms.Algorithm.spec`), and the client model's config when LightningCLI built
+    the module, so ``--ckpt_path`` and ``load_from_checkpoint`` re-create it (from Python, pass
+    ``client_model=`` to ``load_from_checkpoint``).
     """
 
     def __init__(
@@ -79,10 +103,13 @@ class FederatedLightningModule(LightningModule):
         encoding: Encoding = "auto",
         eval_every: int | None = None,
         num_clients: int | None = None,
+        optimizer: OptimizerSpec | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(client_model, nn.Module):
             raise TypeError(f"client_model must be an nn.Module, got {type(client_model).__name__}")
+        lr, momentum, weight_decay = to_plain(lr), to_plain(momentum), to_plain(weight_decay)  # NumPy scalars too
         _check_positive("lr", lr)
         _check_positive("weight_decay", weight_decay, allow_zero=True)
         if not 0.0 <= momentum < 1.0:
@@ -95,15 +122,22 @@ class FederatedLightningModule(LightningModule):
             raise ValueError(f"eval_every must be >= 1 rounds (or null), got {eval_every!r}")
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        algorithm = resolve_algorithm(algorithm)  # also a preset name or a spec dict (a checkpoint's)
+        if optimizer is not None:
+            optimizer_class(optimizer if isinstance(optimizer, str) else str(optimizer["class_path"]))
         self.save_hyperparameters(ignore=["client_model", "loss", "algorithm"])
-        # a second call merges into hparams *and* hparams_initial (what the loggers write); callbacks composed
-        # by hand are described by the dashboard callback instead
-        loss_name = loss if isinstance(loss, str) or loss is None else getattr(loss, "__name__", "custom")
-        extra: dict[str, Any] = {"loss": loss_name}
-        if algorithm is not None:
-            extra["algorithm"] = algorithm.describe()
-        self.save_hyperparameters(extra)
+        # a second call merges into hparams *and* hparams_initial (what the loggers write), all plain values
+        plain: dict[str, Any] = {k: to_plain(v) for k, v in self.hparams.items()}
+        plain["loss"] = loss if isinstance(loss, str) or loss is None else None  # a callable is passed again
+        plain["algorithm"] = None if algorithm is None else algorithm.spec()
+        given = given_init_config()
+        if given is not None and isinstance(given.get("client_model"), Mapping):
+            plain["client_model"] = to_plain(given["client_model"])  # LightningCLI's class_path/init_args
+        self.save_hyperparameters(plain)
         self.automatic_optimization = False
+        self.check_finite = bool(check_finite)
+        self._optimizer_spec: OptimizerSpec | None = to_plain(optimizer)
+        self._scheduler_spec: OptimizerSpec | None = None
 
         self.lr = float(lr)
         self.vectorize = vectorize
@@ -114,12 +148,13 @@ class FederatedLightningModule(LightningModule):
 
         self.global_model = copy.deepcopy(client_model)
         self.global_model.requires_grad_(False)
+        self._client_optimizer = client_optimizer_spec(self.global_model)
         self.loss_fn = resolve_loss(loss)
         self.objective = LocalObjective(self.global_model, self.loss_fn)
         self.clients: ClientState | None = None
         self.comm = CommCounter()
-        self.val_loss = MeanMetric()
-        self.val_acc = MeanMetric()
+        self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
+        self.test_loss, self.test_acc = MeanMetric(), MeanMetric()
         self.register_buffer("client_weights", torch.empty(0, dtype=torch.float64), persistent=False)
         self.register_buffer("client_ids", torch.empty(0, dtype=torch.long), persistent=False)
         self._num_clients_total: int | None = None
@@ -133,6 +168,7 @@ class FederatedLightningModule(LightningModule):
         self._vectorized: bool | None = None
         self._vmap_proven = False  # "auto": a vectorised step has run in this process
         self._checkpoint_lr: float | None = None  # the lr of the checkpoint being resumed from
+        self._finite: Tensor | None = None  # device flag: every loss since the last check was finite
         self.round_metrics: dict[str, Tensor] = {}
         self.final_metrics: dict[str, float] = {}  # the run's result, set when training ends
         self.federated_callbacks: list[FederatedCallback] = []
@@ -221,6 +257,7 @@ class FederatedLightningModule(LightningModule):
         self.client_weights = self._datamodule().client_weights.to(self.client_weights.device)
         self.round_metrics = {k: v.to(self.device) for k, v in self.round_metrics.items()}
         self._client_log_names = None  # agreed again at this fit's first logging step (see _client_log_values)
+        self._finite = None
         # fit(ckpt_path=...) restores the optimizer state, lr included, after configure_optimizers used this
         # module's lr: a module built with another lr than the checkpoint's means "resume with this lr" (the
         # way out of a divergence: lower lr, resume from the last good checkpoint)
@@ -230,12 +267,30 @@ class FederatedLightningModule(LightningModule):
                 group["lr"] = self.lr
             rank_zero_info(f"resumed with lr={self.lr} (the checkpoint's was {saved})")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def set_local_optimizer(self, optimizer: OptimizerSpec | None, lr_scheduler: OptimizerSpec | None = None) -> None:
+        """Use this local optimizer (see ``optimizer`` in the class docs) and LR scheduler (a
+        ``torch.optim.lr_scheduler`` class, stepped after every local step) from the next ``fit`` on; this is
+        what LightningCLI's ``--optimizer`` / ``--lr_scheduler`` do (:class:`~fl_lightning.cli.FederatedCLI`)."""
+        if optimizer is not None:
+            optimizer_class(optimizer if isinstance(optimizer, str) else str(optimizer["class_path"]))
+        self._optimizer_spec = to_plain(optimizer)
+        self._scheduler_spec = to_plain(lr_scheduler)
+
+    def configure_optimizers(self) -> Any:
+        """The local optimizer over the stacked client parameters (:func:`~fl_lightning.optim.build_local_optimizer`):
+        ``optimizer`` if given, else the client model's own ``configure_optimizers``, else SGD."""
         clients = self.ensure_clients()
-        return torch.optim.SGD(
-            clients.x.parameters(), lr=self.lr, momentum=self.hparams.momentum,
-            weight_decay=self.hparams.weight_decay,
-        )
+        spec, from_client = self._optimizer_spec, False
+        if spec is None and self._client_optimizer is not None:
+            spec, from_client = self._client_optimizer, True
+        elif spec is not None and self._client_optimizer is not None:
+            rank_zero_info(f"the client model's configure_optimizers is replaced by the optimizer {spec!r}")
+        optimizer = build_local_optimizer(spec, clients.x.parameters(), lr=self.lr, momentum=self.hparams.momentum,
+                                          weight_decay=self.hparams.weight_decay, chosen_by_client=from_client)
+        scheduler = build_lr_scheduler(self._scheduler_spec, optimizer)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def current_lr(self) -> float:
         """γ of the current step (an LR scheduler may change it)."""
@@ -379,13 +434,36 @@ class FederatedLightningModule(LightningModule):
             cb.on_local_step_end(self.trainer, self)
         weights = self._round_weights()
         loss = self._reduce(torch.dot(weights.to(losses.dtype), losses))
-        if self.schedule is not None and self.schedule.step():
+        communicated = self.schedule is not None and self.schedule.step()
+        if communicated:
             with torch.no_grad():
                 self._communicate(weights)
             self._round_open = False
-        if self._logging_step():
+        logging = self._logging_step()
+        if self.check_finite:
+            finite = torch.isfinite(loss.detach())
+            self._finite = finite if self._finite is None else self._finite & finite
+            if logging or communicated:
+                self.assert_finite()
+        if logging:
             self._log_step_metrics(loss, weights, client_logs)
+        scheduler = self.lr_schedulers() if self._scheduler_spec is not None else None
+        if scheduler is not None:  # manual optimisation: the module steps it, after the round used this step's γ
+            scheduler.step()  # type: ignore[union-attr]
         return loss
+
+    def assert_finite(self, context: str = "") -> None:
+        """Raise :class:`~fl_lightning.callbacks.DivergenceError` if a training loss since the last check was
+        NaN/Inf (one host synchronisation); the message names the step, the round and the lr to lower."""
+        bad = self._finite is not None and not bool(self._finite)
+        self._finite = None
+        if not bad:
+            return
+        raise DivergenceError(
+            f"training diverged: the loss became NaN/Inf by step {self.global_step} (round {self.round_index}). "
+            f"Lower the learning rate (lr={self.current_lr():g}, --model.lr) and start again, or resume with the "
+            f"lower lr from the last good checkpoint (--ckpt_path last){context}"
+        )
 
     def _logging_step(self) -> bool:
         """Whether the loggers write this step (``Trainer(log_every_n_steps=...)``): ``self.log`` costs
@@ -440,6 +518,8 @@ class FederatedLightningModule(LightningModule):
         """Record the run's result in ``final_metrics`` and write it to the loggers whatever
         ``log_every_n_steps`` is: counters, round metrics and the global model's held-out metrics (so a run's
         last logged row is its result)."""
+        if self.check_finite:
+            self.assert_finite()  # a run never ends quietly with a NaN loss
         metrics = {"comm/rounds": self.comm.rounds.float(), "comm/bits_up": self.comm.bits_up,
                    "comm/bits_down": self.comm.bits_down, **self.round_metrics}
         if self._datamodule().has_eval_data:
@@ -528,14 +608,62 @@ class FederatedLightningModule(LightningModule):
         acc = (out.argmax(-1) == y).float().mean() if self.loss_fn.task == "classification" else None
         return loss, acc
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def forward(self, x: Tensor) -> Tensor:
+        """The global model's output."""
+        return self.global_model(x)
+
+    def _client_eval_step(self, hook: str, batch: Any, batch_idx: int) -> bool:
+        """Run the client LightningModule's own ``validation_step`` / ``test_step`` on the global model, its
+        ``self.log`` going to this module's; False when it has none."""
+        model = self.global_model
+        if not (isinstance(model, LightningModule) and is_overridden(hook, model, LightningModule)):
+            return False
+        with shadow_log(model, self.log):
+            getattr(model, hook)(batch, batch_idx)
+        return True
+
+    def _eval_step(self, prefix: str, batch: tuple[Tensor, Tensor], metrics: tuple[MeanMetric, MeanMetric]) -> None:
         x, y = batch
         loss, acc = self._eval_batch(x, y)
-        self.val_loss.update(loss, weight=len(y))
-        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=len(y))
+        metrics[0].update(loss, weight=len(y))
+        self.log(f"{prefix}/loss", metrics[0], prog_bar=True, batch_size=len(y))
         if acc is not None:
-            self.val_acc.update(acc, weight=len(y))
-            self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(y))
+            metrics[1].update(acc, weight=len(y))
+            self.log(f"{prefix}/acc", metrics[1], prog_bar=True, batch_size=len(y))
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """``val/loss`` (and ``val/acc``) of the global model, or the client model's own ``validation_step``."""
+        if not self._client_eval_step("validation_step", batch, batch_idx):
+            self._eval_step("val", batch, (self.val_loss, self.val_acc))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """``test/loss`` (and ``test/acc``) of the global model on the test split, or the client model's own
+        ``test_step``."""
+        if not self._client_eval_step("test_step", batch, batch_idx):
+            self._eval_step("test", batch, (self.test_loss, self.test_acc))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The global model's outputs for the inputs of ``batch`` (``x`` or ``(x, y)``)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        dtype = next(iter(self.global_model.parameters())).dtype
+        return self.global_model(x.to(dtype) if x.is_floating_point() else x)
+
+    def _warn_if_untrained(self) -> None:
+        if self.global_step == 0 and self._trainer is not None and self.trainer.ckpt_path is None:
+            rank_zero_warn(
+                f"{self.trainer.state.fn.value} of an untrained model (no checkpoint given): the metrics are those of "
+                "the initial weights. Pass a checkpoint (--ckpt_path last, or a path) to evaluate a trained one"
+            )
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "validate":
+            self._warn_if_untrained()
+
+    def on_test_start(self) -> None:
+        self._warn_if_untrained()
+
+    def on_predict_start(self) -> None:
+        self._warn_if_untrained()
 
     @torch.no_grad()
     def evaluate_global(self, datamodule: FederatedDataModule | None = None) -> dict[str, Tensor]:
@@ -560,6 +688,8 @@ class FederatedLightningModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.check_finite and self._trainer is not None and self.trainer.state.status != TrainerStatus.INTERRUPTED:
+            self.assert_finite("; this checkpoint was not written")  # never a diverged checkpoint (as last.ckpt)
         checkpoint["federated"] = {"round_index": self.round_index, "round_open": self._round_open,
                                    "active_clients": self._active_list,
                                    "round_metrics": {k: v.detach().cpu() for k, v in self.round_metrics.items()}}

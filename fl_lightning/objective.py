@@ -9,7 +9,8 @@ the sum with respect to client i's slice is exactly ∇f_i (DESIGN §2.1).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,24 @@ class _LogRecorder:
         return values
 
 
+@contextmanager
+def shadow_log(module: nn.Module, log: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, ``module.log`` (and so ``log_dict``, which calls it) is ``log``; afterwards the
+    module's own method is back, so the client model stays a working LightningModule
+    (``Trainer.validate(module.global_model)`` logs as usual)."""
+    if not isinstance(module, LightningModule):
+        yield
+        return
+    saved = module.__dict__.get("log")
+    module.log = log  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log
+        if saved is not None:
+            module.log = saved  # type: ignore[method-assign]
+
+
 class _TrainingStepCall(nn.Module):
     """Routes ``functional_call`` to a LightningModule's ``training_step`` instead of ``forward``."""
 
@@ -89,9 +108,6 @@ class LocalObjective:
                 "'mse' or a callable (output, target) -> scalar"
             )
         self.recorder = _LogRecorder()
-        if isinstance(template, LightningModule):
-            # Instance attribute shadows LightningModule.log: the template is our private copy.
-            template.log = self.recorder.log  # type: ignore[method-assign]
         self._step_call = _TrainingStepCall(template) if self.uses_training_step else None
         # Fully connected models skip vmap: one baddbmm per layer (fl_lightning/batched.py)
         self._stacked = None if self.uses_training_step else compile_stacked(template)
@@ -99,6 +115,10 @@ class LocalObjective:
     @property
     def supports_padding(self) -> bool:
         return self.loss is not None and self.loss.supports_padding
+
+    def recording(self) -> AbstractContextManager[None]:
+        """The client model's ``self.log`` / ``self.log_dict`` collect into :attr:`recorder` in this block."""
+        return shadow_log(self.template, self.recorder.log)
 
     def _call(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
               mask: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -124,20 +144,21 @@ class LocalObjective:
         in_dims = (0, 0, 0, 0, None if batch.mask is None else 0)
         fn = vmap(self._call, in_dims=in_dims, randomness="different")
         self.recorder.pop()
-        with FeatureMajorLinear():  # contiguous nn.Linear weight gradients: autograd does not copy them
+        with FeatureMajorLinear(), self.recording():  # contiguous nn.Linear weight gradients (no copy)
             return fn(dict(params), dict(buffers), batch.inputs, batch.targets, batch.mask)
 
     def single(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,
                y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """f_i for one client's unpadded batch (the sequential path)."""
         self.recorder.pop()
-        return self._call(params, buffers, x, y, None)
+        with self.recording():
+            return self._call(params, buffers, x, y, None)
 
     def evaluate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Mean loss of a materialised model (the global model) on a batch."""
         if self.loss is not None:
             return self.loss(model(x), y)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), shadow_log(model, self.recorder.log):
             warnings.simplefilter("ignore")
             out = model.training_step((x, y), 0)
         self.recorder.pop()

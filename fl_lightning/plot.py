@@ -102,6 +102,8 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     metrics = read_metrics(path / "metrics.csv")
     algorithm = _read_yaml(path / "hparams.yaml").get("algorithm")
+    if isinstance(algorithm, dict) and "class_path" in algorithm:  # the preset's spec (Algorithm.spec)
+        algorithm = algorithm_from_config({"model": {"algorithm": algorithm}})
     if not isinstance(algorithm, dict):
         algorithm = algorithm_from_config(_read_yaml(path / "config.yaml"))
     label = run_label(algorithm) if algorithm else path.name

@@ -68,7 +68,7 @@ def test_grid_file_errors_name_the_problem(tmp_path: Path) -> None:
 def test_a_failed_run_does_not_stop_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ran = []
 
-    def fake_execute(grid: Grid, run: Run, log: object = None) -> dict:
+    def fake_execute(grid: Grid, run: Run, log: object = None, digest: str | None = None) -> dict:
         ran.append(run.name)
         if run.density == 0.2:
             raise RuntimeError(f"run {run.name} failed (exit 1); see {tmp_path}/stdout.log")
@@ -78,6 +78,7 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path: Path, monkeypatch: pyte
                 "val/acc": 0.8}
 
     monkeypatch.setattr(grid_module, "execute", fake_execute)
+    monkeypatch.setattr(grid_module, "config_digest", lambda grid, run: run.name)
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"configs": ["x.yaml"], "presets": ["proxskip", "sparse_proxskip"],
                                     "density": [0.5, 0.2, 0.1], "out": str(tmp_path / "out")}))
@@ -158,10 +159,38 @@ def test_every_shipped_grid_gives_runs_the_cli_accepts(path: Path, monkeypatch: 
     assert grid.runs()
     for run in grid.runs():
         cli = FederatedCLI(args=command(grid, run)[3:], run=False)  # after "python train.py fit"
-        algorithm = cli.model.hparams["algorithm"]
+        algorithm = cli.model.algorithm.describe()
         assert algorithm["name"] == run.preset and algorithm["p"] == pytest.approx(run.p)
         assert algorithm.get("density") == run.density
     if path.stem == "fashion_mnist_wide":  # the grid's own overrides reach the model and the trainer
         assert sum(p.numel() for p in cli.model.global_model.parameters()) == 784 * 256 + 256 + 256 * 10 + 10
     if path.stem == "fashion_mnist_long":
         assert cli.trainer.max_steps == 6000
+
+
+def test_changing_a_grids_args_reruns_its_finished_runs_instead_of_reusing_them(tmp_path: Path) -> None:
+    path = _grid(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["presets"], spec["density"] = ["proxskip"], [0.5]
+    path.write_text(yaml.safe_dump(spec))
+    main([str(path)])
+    final = tmp_path / "out" / "runs" / "proxskip-p0.25-s0" / "final.json"
+    first = json.loads(final.read_text())
+    assert first["comm/rounds"] > 0 and len(first["config_sha256"]) == 64
+    main([str(path)])
+    assert json.loads(final.read_text()) == first  # same config: reused as it is
+    spec["args"][1] = "32"  # --trainer.max_steps 16 -> 32: the identity changes, so the run is repeated
+    path.write_text(yaml.safe_dump(spec))
+    main([str(path)])
+    second = json.loads(final.read_text())
+    assert second["config_sha256"] != first["config_sha256"]
+    assert second["comm/rounds"] > first["comm/rounds"], "the longer run really ran"
+
+
+def test_a_grid_run_whose_config_does_not_parse_fails_alone(tmp_path: Path) -> None:
+    path = _grid(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["presets"], spec["args"] = ["proxskip"], ["--model.lr", "not-a-number"]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit, match="(?s)1 of 1 runs failed.*proxskip-p0.25-s0: its config does not parse"):
+        main([str(path)])

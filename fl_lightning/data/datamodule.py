@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from fl_lightning.data.datasets import DatasetSplits, load_dataset
@@ -23,6 +25,22 @@ from fl_lightning.objective import ClientBatch
 from fl_lightning.seeding import derive_seed, step_seed
 
 ClientWeighting = Literal["uniform", "num_samples"]
+
+def _typed_values(options: dict[str, Any]) -> dict[str, Any]:
+    """Strings in a dict option read as YAML values: ``--data.partition_args.dirichlet.alpha 0.1`` gives the
+    string ``"0.1"`` (the dict's values are untyped for the parser); the partitioner needs the float."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            value = _typed_values(value)
+        elif isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        out[key] = value
+    return out
+
 
 class _StepTokens:
     """The 'dataloader' Lightning iterates: one token per local step (the data itself is sampled by the
@@ -101,7 +119,7 @@ class FederatedDataModule(LightningDataModule):
         self.dataset = dataset
         self._num_clients = num_clients
         self.partition = partition
-        self.partition_args = dict(partition_args or {})
+        self.partition_args = _typed_values(dict(partition_args or {}))
         self.batch_size = batch_size
         self.client_weighting = client_weighting
         self._steps_per_epoch = steps_per_epoch
@@ -190,6 +208,23 @@ class FederatedDataModule(LightningDataModule):
         empty = [i for i, idx in enumerate(self.client_indices) if len(idx) == 0]
         if empty:
             raise ValueError(f"clients {empty[:10]} received no samples; use fewer clients or another partition")
+        self._check_batch_size([len(idx) for idx in self.client_indices])
+
+    def _check_batch_size(self, sizes: list[int]) -> None:
+        """A minibatch larger than a client's data repeats its samples (drawn with replacement): an error when
+        that holds for every client (the steps cost more and sample nothing new), a warning for some."""
+        if self.batch_size is None:
+            return
+        smaller = sum(size < self.batch_size for size in sizes)
+        if smaller == len(sizes):
+            raise ValueError(
+                f"batch_size={self.batch_size} exceeds every client's data (the largest client holds {max(sizes)} "
+                f"samples): each step would draw every sample about {self.batch_size / max(sizes):.0f} times. "
+                f"Use batch_size <= {max(sizes)}, or batch_size: null for full-batch steps"
+            )
+        if smaller:
+            rank_zero_warn(f"batch_size={self.batch_size} exceeds the data of {smaller} of {len(sizes)} clients "
+                           f"(smallest: {min(sizes)} samples): their minibatches repeat samples")
 
     def _require(self) -> tuple[DatasetSplits, list[np.ndarray]]:
         if self.data is None or self.client_indices is None:
@@ -303,6 +338,10 @@ class FederatedDataModule(LightningDataModule):
         return _TensorBatches(data.test_x, data.test_y, self.eval_batch_size)
 
     def test_dataloader(self) -> _TensorBatches:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> _TensorBatches:
+        """The held-out split's batches; ``predict_step`` uses their inputs."""
         return self.val_dataloader()
 
     # ------------------------------------------------------------------ checkpoint state

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,13 +47,16 @@ def partition(
         seed: seeds every random choice; the same seed gives the same partition.
         groups: a natural client id per sample (FEMNIST writer, ...). Only partitioners that take a
             ``groups`` argument (``natural``) receive it; the others ignore it.
-        **kwargs: the partitioner's own options, e.g. ``alpha=0.5`` for ``dirichlet``.
+        **kwargs: the partitioner's own options, e.g. ``alpha=0.5`` for ``dirichlet``; or options keyed by
+            partitioner, ``dirichlet={"alpha": 0.5}, shard={"shards_per_client": 2}``, of which only
+            ``name``'s are used (so a config can switch partitioners without its options leaking across).
 
     Raises:
         ValueError: for an unknown partitioner or option (naming the accepted ones) and for options
             the data cannot satisfy.
     """
     fn = PARTITIONERS.get(name)
+    kwargs = options_for(name, kwargs)
     params = inspect.signature(fn).parameters
     accepted = [p for p in params if p not in _FRONT_DOOR]
     unknown = sorted(set(kwargs) - set(accepted))
@@ -67,6 +70,21 @@ def partition(
     if "groups" in params:
         call["groups"] = groups
     return fn(labels, num_clients, **call)
+
+
+def options_for(name: str, options: Mapping[str, object]) -> dict[str, object]:
+    """The options of partitioner ``name``: ``options`` itself (flat), or ``options[name]`` when ``options``
+    is keyed by partitioner names (``{"dirichlet": {"alpha": 0.5}, "shard": {...}}``)."""
+    keyed = [k for k in options if k in PARTITIONERS and isinstance(options[k], Mapping)]
+    if not keyed:
+        return dict(options)
+    flat = sorted(set(options) - set(keyed))
+    if flat:
+        raise ValueError(
+            f"partition_args mixes options keyed by partitioner ({', '.join(keyed)}) with flat options "
+            f"({', '.join(flat)}); put every option under its partitioner's name"
+        )
+    return dict(options.get(name) or {})  # type: ignore[call-overload]
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -128,7 +146,7 @@ def dirichlet(
     num_clients: int,
     *,
     alpha: float | Sequence[float] = 0.5,
-    min_partition_size: int = 10,
+    min_partition_size: int | None = None,
     self_balancing: bool = False,
     seed: int = 0,
     max_retries: int = 10,
@@ -141,7 +159,9 @@ def dirichlet(
 
     Args:
         min_partition_size: the fewest samples a client may hold; the whole draw is repeated (up to
-            ``max_retries`` draws) until every client has at least this many (and at least one).
+            ``max_retries`` draws) until every client has at least this many (and at least one). Default
+            (None): derived, min(10, len(labels) // num_clients), so any number of clients the data allow
+            works unless a value is given.
         self_balancing: when distributing a class, clients that already hold more than the average
             number of samples per client (len(labels) / num_clients) receive none of it, which keeps
             the client sizes closer together.
@@ -159,9 +179,13 @@ def dirichlet(
         raise ValueError(f"alpha must be one float or one float per client ({num_clients}), got shape {alphas.shape}")
     if not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
         raise ValueError(f"alpha must be > 0 and finite (small = heterogeneous, large = near IID), got {alpha!r}")
-    min_size = _int_option(
-        "min_partition_size", min_partition_size, 0, n // num_clients, " (len(labels) // num_clients)"
-    )
+    derived = min_partition_size is None
+    if derived:
+        min_size = min(10, n // num_clients)
+    else:
+        min_size = _int_option(
+            "min_partition_size", min_partition_size, 0, n // num_clients, " (len(labels) // num_clients)"
+        )
     max_retries = _int_option("max_retries", max_retries, 1, None)
     need = max(min_size, 1)
     _, by_class = _class_order(labels)
@@ -190,7 +214,8 @@ def dirichlet(
             return _finish(parts)
     raise ValueError(
         f"dirichlet: after {max_retries} draws some client still held only {smallest} samples, fewer than "
-        f"min_partition_size={need}; lower min_partition_size (accepted range [0, {n // num_clients}]), "
+        f"min_partition_size={need}{' (derived: min(10, len(labels) // num_clients))' if derived else ''}; "
+        f"{'set' if derived else 'lower'} min_partition_size (accepted range [0, {n // num_clients}]), "
         f"raise alpha (now {alpha!r}), use fewer clients or raise max_retries"
     )
 

@@ -54,11 +54,19 @@ def test_augmented_batches_do_not_depend_on_which_other_clients_are_sampled() ->
 
 
 def test_sampling_covers_a_client_uniformly() -> None:
-    dm = FederatedDataModule.from_client_tensors(_clients([4]), batch_size=1000, seed=0)
+    dm = FederatedDataModule.from_client_tensors(_clients([4]), batch_size=4, seed=0)
     dm.setup()
-    counts = torch.bincount((dm.sample(0, None, torch.device("cpu")).inputs[0, :, 0]).long(), minlength=4)
+    draws = torch.cat([dm.sample(t, None, torch.device("cpu")).inputs[0, :, 0] for t in range(250)])
+    counts = torch.bincount(draws.long(), minlength=4)
     # 1000 draws over 4 samples: each count ~ Binomial(1000, 1/4), sd ≈ 13.7; 250 ± 70 is a 5-sd band
     assert ((counts - 250).abs() < 70).all(), counts
+
+
+def test_a_batch_larger_than_every_client_fails_at_setup_and_one_larger_than_some_warns() -> None:
+    with pytest.raises(ValueError, match=r"batch_size=9 exceeds every client's data \(the largest client holds 4"):
+        FederatedDataModule.from_client_tensors(_clients([2, 4]), batch_size=9, seed=0).setup()
+    with pytest.warns(UserWarning, match=r"batch_size=3 exceeds the data of 1 of 2 clients \(smallest: 2"):
+        FederatedDataModule.from_client_tensors(_clients([2, 4]), batch_size=3, seed=0).setup()
 
 
 def test_full_batch_pads_unequal_clients_and_marks_the_padding() -> None:

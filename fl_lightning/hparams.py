@@ -1,0 +1,63 @@
+"""Hyper-parameters in the form checkpoints can carry: plain Python values only.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` (torch's default, and what LightningCLI uses for
+``--ckpt_path``), which refuses NumPy scalars and arbitrary objects; and LightningCLI re-parses the saved
+hyper-parameters as the model's config, so an object must be saved as the ``class_path`` / ``init_args``
+dict the CLI itself writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Any
+
+import numpy as np
+import torch
+
+try:  # LightningCLI hands the parsed config of the module to save_hyperparameters through this variable
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+except ImportError:  # pragma: no cover - older Lightning: the module's own arguments are saved instead
+    _given_hyperparameters = None
+
+
+def to_plain(value: Any) -> Any:
+    """``value`` with NumPy / 0-dim torch scalars turned into Python numbers, tuples into lists, paths into
+    strings, recursively through dicts and lists. Other objects are returned unchanged."""
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return _python_scalar(value)
+    if isinstance(value, np.generic):
+        return _python_scalar(value.item())
+    if isinstance(value, np.ndarray):
+        return to_plain(value.tolist())
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return _python_scalar(value.item())
+    return value
+
+
+def _python_scalar(value: Any) -> Any:
+    """bool/int/float/str subclasses (``numpy.float64`` is a float) as the exact Python type."""
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return value
+
+
+def given_init_config() -> Mapping[str, Any] | None:
+    """The config LightningCLI parsed for the module being built (``class_path``s as dicts), or None
+    outside LightningCLI."""
+    if _given_hyperparameters is None:
+        return None
+    given = _given_hyperparameters.get()
+    return given if isinstance(given, Mapping) else None
