@@ -330,6 +330,6 @@ fedcomloc = _preset_function(FedComLoc)
 __all__ = [
     "ALGORITHMS", "Algorithm", "FedAvg", "FedComLoc", "ProxSkip", "RandProxL1", "ServerPruning",
     "ServerPruningModified", "SparseProxSkip", "SparseProxSkipLocal", "class_path_of", "fedavg", "fedcomloc",
-    "get_algorithm", "proxskip", "randprox_l1", "register_algorithm", "resolve_algorithm", "server_pruning", "server_pruning_modified",
-    "sparse_proxskip", "sparse_proxskip_local",
+    "get_algorithm", "proxskip", "randprox_l1", "register_algorithm", "resolve_algorithm", "server_pruning",
+    "server_pruning_modified", "sparse_proxskip", "sparse_proxskip_local",
 ]

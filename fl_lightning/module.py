@@ -22,23 +22,24 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 import fl_lightning.strategy  # noqa: F401  (registers Trainer(strategy="federated_ddp"))
+from fl_lightning.algorithms import resolve_algorithm
 from fl_lightning.callbacks.base import FederatedCallback
+from fl_lightning.callbacks.divergence import DivergenceError
 from fl_lightning.callbacks.schedule import SkipSchedule
 from fl_lightning.clients import ClientState, TensorGroup
-from fl_lightning.algorithms import resolve_algorithm
-from fl_lightning.callbacks.divergence import DivergenceError
 from fl_lightning.comm import ENCODINGS, CommCounter, Encoding, encoded_bits, message_bits
 from fl_lightning.hparams import given_init_config, to_plain
 from fl_lightning.losses import LossCallable, resolve_loss
 from fl_lightning.objective import ClientBatch, LocalObjective, shadow_log
+from fl_lightning.ops import density, nonzeros
 from fl_lightning.optim import (
     OptimizerSpec,
     build_local_optimizer,
     build_lr_scheduler,
     client_optimizer_spec,
     optimizer_class,
+    split_spec,
 )
-from fl_lightning.ops import density, nonzeros
 from fl_lightning.round import Round, Tensors
 
 if TYPE_CHECKING:
@@ -123,8 +124,6 @@ class FederatedLightningModule(LightningModule):
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
         algorithm = resolve_algorithm(algorithm)  # also a preset name or a spec dict (a checkpoint's)
-        if optimizer is not None:
-            optimizer_class(optimizer if isinstance(optimizer, str) else str(optimizer["class_path"]))
         self.save_hyperparameters(ignore=["client_model", "loss", "algorithm"])
         # a second call merges into hparams *and* hparams_initial (what the loggers write), all plain values
         plain: dict[str, Any] = {k: to_plain(v) for k, v in self.hparams.items()}
@@ -136,8 +135,9 @@ class FederatedLightningModule(LightningModule):
         self.save_hyperparameters(plain)
         self.automatic_optimization = False
         self.check_finite = bool(check_finite)
-        self._optimizer_spec: OptimizerSpec | None = to_plain(optimizer)
+        self._optimizer_spec: OptimizerSpec | None = None
         self._scheduler_spec: OptimizerSpec | None = None
+        self.set_local_optimizer(optimizer)  # an unsupported optimizer fails here
 
         self.lr = float(lr)
         self.vectorize = vectorize
@@ -272,7 +272,7 @@ class FederatedLightningModule(LightningModule):
         ``torch.optim.lr_scheduler`` class, stepped after every local step) from the next ``fit`` on; this is
         what LightningCLI's ``--optimizer`` / ``--lr_scheduler`` do (:class:`~fl_lightning.cli.FederatedCLI`)."""
         if optimizer is not None:
-            optimizer_class(optimizer if isinstance(optimizer, str) else str(optimizer["class_path"]))
+            optimizer_class(split_spec(optimizer)[0])
         self._optimizer_spec = to_plain(optimizer)
         self._scheduler_spec = to_plain(lr_scheduler)
 

@@ -55,6 +55,13 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     )
 
 
+def split_spec(spec: OptimizerSpec) -> tuple[str, dict[str, Any]]:
+    """A class name, or ``{"class_path", "init_args"}``, as (name, a copy of its init args)."""
+    if isinstance(spec, str):
+        return spec, {}
+    return str(spec["class_path"]), dict(spec.get("init_args") or {})
+
+
 def _default_lr(cls: type[torch.optim.Optimizer]) -> Any:
     return inspect.signature(cls).parameters["lr"].default
 
@@ -77,7 +84,7 @@ def build_local_optimizer(spec: OptimizerSpec | None, params: Iterable[nn.Parame
     """
     if spec is None or (isinstance(spec, str) and spec.lower() == "sgd" and "." not in spec):
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    name, init_args = (spec, {}) if isinstance(spec, str) else (str(spec["class_path"]), dict(spec.get("init_args") or {}))
+    name, init_args = split_spec(spec)
     cls = optimizer_class(name)
     given_lr = init_args.pop("lr", None)
     if chosen_by_client and given_lr is not None and given_lr != lr:
@@ -149,7 +156,7 @@ def build_lr_scheduler(spec: OptimizerSpec | None, optimizer: torch.optim.Optimi
     """
     if spec is None:
         return None
-    name, init_args = (spec, {}) if isinstance(spec, str) else (str(spec["class_path"]), dict(spec.get("init_args") or {}))
+    name, init_args = split_spec(spec)
     module, _, short = name.rpartition(".")
     cls = getattr(torch.optim.lr_scheduler, short, None)
     if (module and not module.startswith("torch.optim")) or not (

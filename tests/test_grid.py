@@ -192,5 +192,5 @@ def test_a_grid_run_whose_config_does_not_parse_fails_alone(tmp_path: Path) -> N
     spec = yaml.safe_load(path.read_text())
     spec["presets"], spec["args"] = ["proxskip"], ["--model.lr", "not-a-number"]
     path.write_text(yaml.safe_dump(spec))
-    with pytest.raises(SystemExit, match="(?s)1 of 1 runs failed.*proxskip-p0.25-s0: its config does not parse"):
+    with pytest.raises(SystemExit, match=r"(?s)1 of 1 runs failed.*proxskip-p0.25-s0: its config does not parse"):
         main([str(path)])

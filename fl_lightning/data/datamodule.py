@@ -8,6 +8,7 @@ which device or rank, and a resumed run draws exactly what the uninterrupted one
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,10 +35,8 @@ def _typed_values(options: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, dict):
             value = _typed_values(value)
         elif isinstance(value, str):
-            try:
+            with contextlib.suppress(yaml.YAMLError):  # not YAML: the string itself
                 value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                pass
         out[key] = value
     return out
 
