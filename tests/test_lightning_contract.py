@@ -19,18 +19,11 @@ from fl_lightning.algorithms import ProxSkip, SparseProxSkip, fedavg, proxskip, 
 from fl_lightning.callbacks import DivergenceError
 from fl_lightning.hparams import to_plain
 from tests.conftest import make_trainer
+from tests.test_module import _separable
 
 
-def _data(n_clients: int = 4, m: int = 40) -> FederatedDataModule:
-    g = torch.Generator().manual_seed(0)
-    centers = 3 * torch.randn(3, 8, generator=g)
-    clients = []
-    for _ in range(n_clients):
-        y = torch.randint(0, 3, (m,), generator=g)
-        clients.append((centers[y] + torch.randn(m, 8, generator=g), y))
-    y = torch.randint(0, 3, (120,), generator=g)
-    return FederatedDataModule.from_client_tensors(clients, test=(centers[y] + torch.randn(120, 8, generator=g), y),
-                                                   batch_size=8, seed=0)
+def _data() -> FederatedDataModule:
+    return _separable(4, 40)
 
 
 def _net() -> nn.Module:
@@ -109,7 +102,7 @@ def test_test_and_predict_evaluate_the_global_model() -> None:
     assert test["test/acc"] == pytest.approx(float(expected["val/acc"])) == pytest.approx(val["val/acc"])
     assert test["test/loss"] == pytest.approx(float(expected["val/loss"]), rel=1e-5)
     [logits] = trainer.predict(module, datamodule=dm)
-    assert logits.shape == (120, 3)
+    assert logits.shape == (200, 3)
     torch.testing.assert_close(logits, module.global_model(dm.data.test_x))
 
 
@@ -171,11 +164,10 @@ def test_an_elementwise_optimizer_over_the_stack_equals_one_optimizer_per_client
     ],
 )
 def test_unsupported_optimizer_settings_fail_before_the_first_step(kwargs: dict, match: str) -> None:
+    trainer = make_trainer(3)
     with pytest.raises(ValueError, match=match):
-        module = FederatedLightningModule(_net(), lr=0.1, loss="cross_entropy", **kwargs)
-        trainer = make_trainer(3)
-        trainer.fit(module, datamodule=_data())
-        assert trainer.global_step == 0
+        trainer.fit(FederatedLightningModule(_net(), lr=0.1, loss="cross_entropy", **kwargs), datamodule=_data())
+    assert trainer.global_step == 0
 
 
 def test_an_lr_scheduler_steps_after_every_local_step() -> None:
