@@ -151,3 +151,11 @@ def test_hf_config_parses_in_the_cli(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/hf/mnist.yaml", "--print_config"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ylecun/mnist" in done.stdout, done.stderr[-2000:]
+
+
+def test_the_core_imports_no_extra() -> None:
+    code = ("import sys, fl_lightning, fl_lightning.cli, fl_lightning.dashboard, fl_lightning.data.datamodule, "
+            "fl_lightning.data.partition, fl_lightning.data.datasets; "
+            "print(sorted(m for m in ('datasets', 'flwr_datasets', 'wandb_workspaces') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
