@@ -19,6 +19,7 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from fl_lightning import metric_keys as keys
 from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.loggers import cli_config, find_wandb_logger, run_name
 from fl_lightning.ops import density, prunable
@@ -27,12 +28,10 @@ if TYPE_CHECKING:
     from fl_lightning.module import FederatedLightningModule
     from fl_lightning.round import Round
 
-#: Metrics that describe the global model after a round: W&B plots them against ``comm/rounds`` by default.
-ROUND_METRICS: tuple[str, ...] = (
-    "val/acc", "val/loss", "sparsity/density", "sparsity/client_density", "cv/sum_norm",
-)
-#: Possible x-axes, logged in the same rows as every per-step metric (any W&B panel can switch to them).
-AXES: tuple[str, ...] = ("comm/rounds", "comm/bits_up", "comm/bits_down")
+#: Metrics that describe the global model after a round (W&B plots them against ``comm/rounds`` by default) and the
+#: possible x-axes, logged in the same rows as every per-step metric: both from :mod:`fl_lightning.metric_keys`.
+ROUND_METRICS: tuple[str, ...] = keys.ROUND_METRICS
+AXES: tuple[str, ...] = keys.AXES
 #: Where the resolved CLI config lands in the W&B run's files (W&B reserves ``config.yaml`` for its own).
 CONFIG_FILE = "lightning_config.yaml"
 
@@ -89,7 +88,7 @@ class LayerDensity(FederatedCallback):
     def on_round_end(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
         params = dict(module.global_model.named_parameters())
         for name in self.names:
-            module.round_metrics[f"sparsity/layer/{name}"] = density({name: params[name]}, stacked=False)
+            module.round_metrics[keys.layer_density(name)] = density({name: params[name]}, stacked=False)
 
 
 class WandbFederatedMetrics(Callback):
@@ -118,7 +117,7 @@ class WandbFederatedMetrics(Callback):
         log_config: store the resolved CLI config with the run.
     """
 
-    def __init__(self, x_axis: str = "comm/rounds", name_runs: bool = True, log_config: bool = True) -> None:
+    def __init__(self, x_axis: str = keys.ROUNDS, name_runs: bool = True, log_config: bool = True) -> None:
         if x_axis not in AXES:
             raise ValueError(f"x_axis must be one of {AXES}, got {x_axis!r}")
         self.x_axis = x_axis
@@ -171,14 +170,14 @@ class WandbFederatedMetrics(Callback):
         for cb in trainer.callbacks:
             if isinstance(cb, LayerDensity):
                 layers = prunable(pl_module.global_model.named_parameters(), include=cb.params, stacked=False)
-                names += [f"sparsity/layer/{n}" for n in layers]
+                names += [keys.layer_density(n) for n in layers]
         return list(dict.fromkeys(names))
 
     def define_metrics(self, run: Any, names: list[str]) -> None:
         """``run.define_metric`` for the axes and the round metrics ``names``."""
         for axis in AXES:
             run.define_metric(axis)
-        summaries = {"val/acc": "max", "val/loss": "min"}
+        summaries = {keys.VAL_ACC: "max", keys.VAL_LOSS: "min"}
         for name in names:
             run.define_metric(name, step_metric=self.x_axis, summary=summaries.get(name))
-        run.define_metric("sparsity/layer/*", step_metric=self.x_axis)
+        run.define_metric(keys.LAYER_DENSITY_PREFIX + "*", step_metric=self.x_axis)

@@ -40,7 +40,8 @@ def partition(
     """Split ``labels``' indices into ``num_clients`` clients with the partitioner registered as ``name``.
 
     Args:
-        name: ``iid``, ``dirichlet``, ``shard``, ``pathological`` or ``natural``.
+        name: ``iid``, ``dirichlet``, ``shard``, ``pathological``, ``natural``, or ``flwr`` (Flower Datasets'
+            partitioners by name, see :mod:`fl_lightning.data.flwr_partitioners`).
         labels: one class label per training sample (for a regression set pass zeros: only ``iid``,
             ``dirichlet`` (quantity skew) and ``natural`` then make sense).
         num_clients: the number of clients.
@@ -58,8 +59,9 @@ def partition(
     fn = PARTITIONERS.get(name)
     kwargs = options_for(name, kwargs)
     params = inspect.signature(fn).parameters
-    accepted = [p for p in params if p not in _FRONT_DOOR]
-    unknown = sorted(set(kwargs) - set(accepted))
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())  # flwr: Flower's options
+    accepted = [p for p, v in params.items() if p not in _FRONT_DOOR and v.kind is not inspect.Parameter.VAR_KEYWORD]
+    unknown = [] if open_ended else sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(
             f"partitioner {name!r} got unknown option(s) {', '.join(unknown)}; "
@@ -321,3 +323,5 @@ def label_entropy(labels: np.ndarray, parts: Sequence[np.ndarray]) -> float:
 
 
 __all__ = ["PARTITIONERS", "dirichlet", "iid", "label_entropy", "natural", "partition", "pathological", "shard"]
+
+from fl_lightning.data import flwr_partitioners  # noqa: E402, F401  (registers ``flwr``; imports Flower only when used)

@@ -255,7 +255,7 @@ def test_front_door_gives_groups_only_to_partitioners_that_take_them() -> None:
 
 
 def test_registry_lists_the_partitioners() -> None:
-    assert PARTITIONERS.names() == ["dirichlet", "iid", "natural", "pathological", "shard"]
+    assert PARTITIONERS.names() == ["dirichlet", "flwr", "iid", "natural", "pathological", "shard"]
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -283,7 +283,7 @@ def test_registry_lists_the_partitioners() -> None:
         ("dirichlet", 10, {"beta": 1.0}, r"unknown option\(s\) beta; accepted: alpha, min_partition_size, "
                                          r"self_balancing, max_retries"),
         ("iid", 10, {"alpha": 1.0}, r"unknown option\(s\) alpha; accepted: none besides seed"),
-        ("quantity", 10, {}, r"unknown partitioner 'quantity'; known: dirichlet, iid"),
+        ("quantity", 10, {}, r"unknown partitioner 'quantity'; known: dirichlet, flwr, iid"),
     ],
 )
 def test_errors_name_the_parameter_and_its_range(name: str, num_clients: int, kwargs: dict, pattern: str) -> None:

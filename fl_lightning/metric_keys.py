@@ -1,0 +1,60 @@
+"""The names of the metrics fl-lightning logs, and of the run config keys W&B groups runs by (DESIGN §3).
+
+One place for tools that read runs back (the W&B dashboard of :mod:`fl_lightning.dashboard`, the metric
+declarations of :class:`~fl_lightning.callbacks.metrics.WandbFederatedMetrics`); a test holds the names here
+to the columns a real run writes, so a renamed metric fails there rather than leaving an empty panel.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------------------------- losses, accuracy
+TRAIN_LOSS = "train/loss"  #: Σ_i w_i f_i on the step's minibatches (every logging step)
+VAL_LOSS = "val/loss"  #: the global model on the central held-out split
+VAL_ACC = "val/acc"  #: the same, classification only
+
+# ---------------------------------------------------------------------------------------------- communication
+ROUNDS = "comm/rounds"  #: communication rounds so far
+BITS_UP = "comm/bits_up"  #: uplink bits so far, all clients together (DESIGN §2.4)
+BITS_DOWN = "comm/bits_down"  #: downlink bits so far
+
+# ---------------------------------------------------------------------------------------------- sparsity
+DENSITY = "sparsity/density"  #: fraction of non-zeros of the global model after the round
+CLIENT_DENSITY = "sparsity/client_density"  #: the same for the clients' x̂_i, averaged over the cohort
+LAYER_DENSITY_PREFIX = "sparsity/layer/"  #: + parameter name: one tensor of the global model (LayerDensity)
+
+# ---------------------------------------------------------------------------------------------- control variates
+CV_SUM_NORM = "cv/sum_norm"  #: ‖Σ_i w_i h_i‖, 0 for zero-sum control variates (DESIGN §1.2)
+
+# ---------------------------------------------------------------------------------------------- per-client evaluation
+# Statistics over clients of the global model on every client's own test split (issue 12's names); a run
+# logs them only when per-client evaluation is on, and panels over them stay empty otherwise.
+CLIENT_ACC_MEAN = "val/client_acc_mean"
+CLIENT_ACC_STD = "val/client_acc_std"
+CLIENT_ACC_P10 = "val/client_acc_p10"  #: 10th percentile over clients: the worst decile
+CLIENT_ACC_MIN = "val/client_acc_min"
+CLIENT_LOSS_MEAN = "val/client_loss_mean"
+CLIENT_ACC_STATS: tuple[str, ...] = (CLIENT_ACC_MEAN, CLIENT_ACC_P10, CLIENT_ACC_MIN)
+
+# ---------------------------------------------------------------------------------------------- run config (W&B)
+# ``WandbFederatedMetrics`` stores the preset's ``describe()`` dict as ``wandb.config["algorithm"]``.
+CONFIG_PRESET = "algorithm.name"
+CONFIG_DENSITY = "algorithm.density"
+CONFIG_P = "algorithm.p"
+
+
+def layer_density(name: str) -> str:
+    """The key of one tensor's density: ``layer_density("net.0.weight") == "sparsity/layer/net.0.weight"``."""
+    return LAYER_DENSITY_PREFIX + name
+
+
+#: Metrics that describe the global model after a round; W&B plots them against ``comm/rounds`` by default.
+ROUND_METRICS: tuple[str, ...] = (VAL_ACC, VAL_LOSS, DENSITY, CLIENT_DENSITY, CV_SUM_NORM)
+#: The x-axes, logged in the same rows as every per-step metric.
+AXES: tuple[str, ...] = (ROUNDS, BITS_UP, BITS_DOWN)
+
+__all__ = [
+    "AXES", "BITS_DOWN", "BITS_UP", "CLIENT_ACC_MEAN", "CLIENT_ACC_MIN", "CLIENT_ACC_P10", "CLIENT_ACC_STATS",
+    "CLIENT_ACC_STD", "CLIENT_DENSITY", "CLIENT_LOSS_MEAN", "CONFIG_DENSITY", "CONFIG_P", "CONFIG_PRESET",
+    "CV_SUM_NORM", "DENSITY", "LAYER_DENSITY_PREFIX", "ROUNDS", "ROUND_METRICS", "TRAIN_LOSS", "VAL_ACC",
+    "VAL_LOSS", "layer_density",
+]
