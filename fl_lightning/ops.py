@@ -193,7 +193,8 @@ METHODS: tuple[str, ...] = ("auto", "reference", "fast")
 _FAST_BLOCK = 2**18  # entries per row block of the fast path: its float32 scratch (1 MiB) stays in the L2 cache
 _FAST_MIN_NUMEL = 2**16  # below this many entries per scope the reference is as fast (``method="auto"``)
 _CHUNK = 64  # entries per chunk when extracting the candidates of a bracket
-_WARM_MIN, _WARM_MAX = 1e-4, 0.25  # bounds of the warm bracket's relative half-width
+_RETRIES = 4  # attempts to move a missed bracket before a row falls back to the reference
+_WARM_MIN, _WARM_MAX = 2e-3, 0.25  # bounds of the warm bracket's relative half-width
 
 
 class TopKWarmStart:
@@ -224,12 +225,12 @@ class TopKWarmStart:
         return (theta * (1 - r)).unsqueeze(1), (theta * (1 + r)).unsqueeze(1)
 
     def update(self, key: str, theta: Tensor) -> None:
-        """Store the new θ [n]; the next half-width r is twice the largest relative move of θ, bounded."""
+        """Store the new θ [n]; the next half-width r is 4× the largest relative move of θ, bounded."""
         old = self.theta.get(key)
         r = 0.01
         if old is not None and old.shape == theta.shape:
             move = ((theta - old).abs() / old.clamp_min(torch.finfo(old.dtype).tiny)).nan_to_num(nan=_WARM_MAX)
-            r = float(move.amax()) * 2 if move.numel() else r
+            r = float(move.amax()) * 4 if move.numel() else r
         self.width[key] = min(_WARM_MAX, max(_WARM_MIN, r))
         self.theta[key] = theta.clone()
 
@@ -250,7 +251,7 @@ def _fast_eligible(parts: list[Tensor], k: int, method: Method) -> bool:
 
 
 def _block_threshold(buf: Tensor, r: int, d: int, k: int, lo: Tensor, hi: Tensor, flag: Tensor,
-                     above: Tensor) -> tuple[Tensor, Tensor]:
+                     above: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """θ (the k-th largest entry, [r, 1]) of each row of the magnitudes ``a = buf[:r·d].view(r, d)`` (in the
     cache; ``buf`` and ``flag`` flat, at least r·d rounded up to a 64-entry chunk; ``above`` ≥ r·d), and the
     rows where θ is exact and alone, #{a ≥ θ} = k (bool [r]); the other rows are left to the reference.
@@ -258,7 +259,9 @@ def _block_threshold(buf: Tensor, r: int, d: int, k: int, lo: Tensor, hi: Tensor
     Counts c_hi = #{a > hi} and c_lo = #{a ≥ lo} are sums of 0/1 floats (exact below 2²⁴ entries). Where
     c_hi < k ≤ c_lo, θ lies in the bracket and is the j-th largest of the candidates lo ≤ a ≤ hi, j = k − c_hi
     (a sort of the few candidates per row); #{a ≥ θ} = c_hi + #{candidates ≥ θ} then tells whether θ is
-    tied beyond k. A row with a NaN, a bracket that misses θ or more than d/16 candidates (ties) is not ok."""
+    tied beyond k. A row with a NaN, a bracket that misses θ or more than d/16 candidates (ties) is not ok.
+    Also returned, for a retry: the rows whose bracket missed θ, whether θ lies above it, the crowded rows,
+    and the counts c_hi, c_lo."""
     size = r * d
     a = buf[:size].view(r, d)
     end = -(-size // _CHUNK) * _CHUNK
@@ -292,8 +295,9 @@ def _block_threshold(buf: Tensor, r: int, d: int, k: int, lo: Tensor, hi: Tensor
     j = (k - c_hi.long()).clamp(1, width)
     theta = cand.gather(1, (j - 1).unsqueeze(1))
     ge = c_hi + (cand >= theta).sum(1).to(a.dtype)
-    ok = finite & ~crowded & (c_hi < k) & (c_lo >= k) & (ge == k)
-    return theta, ok
+    inside = (c_hi < k) & (c_lo >= k)
+    ok = finite & ~crowded & inside & (ge == k)
+    return theta, ok, finite & ~crowded & ~inside, c_hi >= k, finite & crowded & inside, c_hi, c_lo
 
 
 def _fast_masks(parts: list[Tensor], k: int, lo: Tensor, hi: Tensor, *, prune: bool) -> tuple[list[Tensor], Tensor]:
@@ -323,7 +327,28 @@ def _fast_masks(parts: list[Tensor], k: int, lo: Tensor, hi: Tensor, *, prune: b
         for p, w in zip(parts, widths):
             torch.abs(p[i : i + r], out=a[:, col : col + w])
             col += w
-        t, ok = _block_threshold(buf, r, d, k, lo[i : i + r], hi[i : i + r], flag, above)
+        blo, bhi = lo[i : i + r], hi[i : i + r]
+        t, ok, miss, above_hi, crowded, c_hi, c_lo = _block_threshold(buf, r, d, k, blo, bhi, flag, above)
+        for _ in range(_RETRIES):  # fix the bracket while the block is cached
+            todo = miss | crowded
+            if not bool(todo.any()):
+                break
+            # missed: move past the old end, 8× wider; crowded: shrink around the linear interpolation of θ
+            # between (hi, c_hi) and (lo, c_lo) to about 256 expected candidates
+            span = torch.maximum(bhi - blo, bhi * 1e-3).clamp_min(torch.finfo(dtype).tiny)
+            up, down = (miss & above_hi).unsqueeze(1), (miss & ~above_hi).unsqueeze(1)
+            many = (c_lo - c_hi).clamp_min(1).unsqueeze(1)
+            centre = bhi - (bhi - blo) * ((k - c_hi).unsqueeze(1) - 0.5) / many
+            half = (bhi - blo) * (128.0 / many)
+            shrink = crowded.unsqueeze(1)
+            blo, bhi = (
+                torch.where(up, bhi, torch.where(down, (blo - 8 * span).clamp_min(0),
+                                                 torch.where(shrink, (centre - half).clamp_min(0), blo))),
+                torch.where(up, bhi + 8 * span, torch.where(down, blo, torch.where(shrink, centre + half, bhi))),
+            )
+            t2, ok2, miss2, above2, crowded2, c_hi, c_lo = _block_threshold(buf, r, d, k, blo, bhi, flag, above)
+            t, ok = torch.where(ok.unsqueeze(1), t, t2), ok | (todo & ok2)
+            miss, above_hi, crowded = todo & miss2, above2, todo & crowded2
         clean = bool(ok.all())
         if not clean:  # the reference on the unsettled rows, before their entries are touched
             bad = (~ok).nonzero().squeeze(1)
