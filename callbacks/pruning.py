@@ -33,7 +33,17 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from fl_lightning.callbacks.base import FederatedCallback
-from fl_lightning.ops import SCOPES, Scope, TopKWarmStart, _check_density, prunable, topk_mask, topk_prune_
+from fl_lightning.ops import (
+    METHODS,
+    SCOPES,
+    Method,
+    Scope,
+    TopKWarmStart,
+    _check_density,
+    prunable,
+    topk_mask,
+    topk_prune_,
+)
 from fl_lightning.round import Round, Tensors
 
 if TYPE_CHECKING:
@@ -68,12 +78,16 @@ class TopKPruning(FederatedCallback):
             ``["local", "received"]``.
         scope: ``global`` (one TopK over all pruned tensors) or ``layer`` (per tensor).
         params: ``weights`` (default) or ``all``.
+        topk_method: how the per-step TopKs (``local``, ``forward``) are computed, :func:`fl_lightning.ops.topk_mask`'s
+            ``method``; every choice gives the same masks. Default ``"reference"``: the warm-started fast path
+            (``"auto"`` / ``"fast"``) is only faster when the threshold moves little between local steps, and
+            was slower than the reference on the benchmark's synthetic runs (docs/performance.md).
     """
 
     STATE = "topk_mask"
 
     def __init__(self, density: float, at: str | Sequence[str] = ("local", "received"), scope: Scope = "global",
-                 params: ParamSelection = "weights") -> None:
+                 params: ParamSelection = "weights", topk_method: Method = "reference") -> None:
         self.density = _check_density(density)
         self.at = _locations(at)
         if scope not in SCOPES:
@@ -82,6 +96,9 @@ class TopKPruning(FederatedCallback):
             raise ValueError(f"TopKPruning params must be 'weights' or 'all', got {params!r}")
         self.scope: Scope = scope
         self.params: ParamSelection = params
+        if topk_method not in METHODS:
+            raise ValueError(f"TopKPruning topk_method must be one of {METHODS}, got {topk_method!r}")
+        self.topk_method: Method = topk_method
         self.names: list[str] = []
         self._ste = "forward" in self.at  # STE somewhere in the run: optimizer state is left dense
         # Previous thresholds of the per-step TopKs (``local``, ``forward``): speed only, results identical
@@ -148,7 +165,7 @@ class TopKPruning(FederatedCallback):
             return params
         with torch.no_grad():
             masks = topk_mask({k: params[k] for k in self.names}, self.density, scope=self.scope, stacked=True,
-                              warm_start=self._warm_start("forward", module.active_clients))
+                              warm_start=self._warm_start("forward", module.active_clients), method=self.topk_method)
         out = dict(params)
         for k, m in masks.items():
             x = params[k]
@@ -165,7 +182,7 @@ class TopKPruning(FederatedCallback):
             rows = {k: (x[k] if idx is None else x[k][idx]) for k in self.names}
             # In place (masked_fill semantics: a dropped inf becomes 0, not NaN); rows are copies with a cohort.
             masks = topk_prune_(rows, self.density, scope=self.scope, stacked=True,
-                                warm_start=self._warm_start("local", idx))
+                                warm_start=self._warm_start("local", idx), method=self.topk_method)
             if idx is not None:
                 for k in self.names:
                     x[k][idx] = rows[k]
