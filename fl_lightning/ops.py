@@ -193,7 +193,8 @@ METHODS: tuple[str, ...] = ("auto", "reference", "fast")
 _FAST_BLOCK = 2**18  # entries per row block of the fast path: its float32 scratch (1 MiB) stays in the L2 cache
 _FAST_MIN_NUMEL = 2**16  # below this many entries per scope the reference is as fast (``method="auto"``)
 _CHUNK = 64  # entries per chunk when extracting the candidates of a bracket
-_RETRIES = 4  # attempts to move a missed bracket before a row falls back to the reference
+_CAP = 512  # candidates per row beyond which a bracket is shrunk (by counting) before extracting them
+_RETRIES = 6  # attempts to move a missed bracket before a row falls back to the reference
 _WARM_MIN, _WARM_MAX = 2e-3, 0.25  # bounds of the warm bracket's relative half-width
 
 
@@ -250,8 +251,8 @@ def _fast_eligible(parts: list[Tensor], k: int, method: Method) -> bool:
     return ok and (method == "fast" or parts[0].shape[0] * d >= _FAST_MIN_NUMEL)
 
 
-def _block_threshold(buf: Tensor, r: int, d: int, k: int, lo: Tensor, hi: Tensor, flag: Tensor,
-                     above: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _block_threshold(buf: Tensor, r: int, d: int, k: int, lo: Tensor, hi: Tensor, flag: Tensor, above: Tensor,
+                     final: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """θ (the k-th largest entry, [r, 1]) of each row of the magnitudes ``a = buf[:r·d].view(r, d)`` (in the
     cache; ``buf`` and ``flag`` flat, at least r·d rounded up to a 64-entry chunk; ``above`` ≥ r·d), and the
     rows where θ is exact and alone, #{a ≥ θ} = k (bool [r]); the other rows are left to the reference.
@@ -261,21 +262,26 @@ def _block_threshold(buf: Tensor, r: int, d: int, k: int, lo: Tensor, hi: Tensor
     (a sort of the few candidates per row); #{a ≥ θ} = c_hi + #{candidates ≥ θ} then tells whether θ is
     tied beyond k. A row with a NaN, a bracket that misses θ or more than d/16 candidates (ties) is not ok.
     Also returned, for a retry: the rows whose bracket missed θ, whether θ lies above it, the crowded rows,
-    and the counts c_hi, c_lo."""
+    and the counts c_hi, c_lo. Unless ``final``, a block with such rows returns θ = ``None`` right after the
+    counts (the candidates are only extracted once every bracket is right)."""
     size = r * d
     a = buf[:size].view(r, d)
     end = -(-size // _CHUNK) * _CHUNK
     f = flag[:size].view(r, d)
     g = above[:size].view(r, d)
-    finite = ~a.sum(1).isnan()
     torch.gt(a, hi, out=g)
     torch.ge(a, lo, out=f)
     c_hi = g.sum(1)
     c_lo = f.sum(1)
     f.sub_(g)  # 1 at the candidates lo ≤ a ≤ hi (hi ≥ lo)
     count = c_lo - c_hi
-    cap = max(64, d // 16)  # candidates per row beyond which the reference is cheaper
+    cap = max(64, min(_CAP, d // 16))  # candidates per row worth extracting
     crowded = count > cap
+    finite = ~a.sum(1).isnan()
+    inside = (c_hi < k) & (c_lo >= k)
+    miss, crowded_in = finite & ~crowded & ~inside, finite & crowded & inside
+    if not final and bool((miss | crowded_in).any()):
+        return None, inside, miss, c_hi >= k, crowded_in, c_hi, c_lo
     if bool(crowded.any()):
         f[crowded] = 0
         count = count.masked_fill(crowded, 0)
@@ -295,9 +301,8 @@ def _block_threshold(buf: Tensor, r: int, d: int, k: int, lo: Tensor, hi: Tensor
     j = (k - c_hi.long()).clamp(1, width)
     theta = cand.gather(1, (j - 1).unsqueeze(1))
     ge = c_hi + (cand >= theta).sum(1).to(a.dtype)
-    inside = (c_hi < k) & (c_lo >= k)
     ok = finite & ~crowded & inside & (ge == k)
-    return theta, ok, finite & ~crowded & ~inside, c_hi >= k, finite & crowded & inside, c_hi, c_lo
+    return theta, ok, miss, c_hi >= k, crowded_in, c_hi, c_lo
 
 
 def _fast_masks(parts: list[Tensor], k: int, lo: Tensor, hi: Tensor, *, prune: bool) -> tuple[list[Tensor], Tensor]:
@@ -328,10 +333,10 @@ def _fast_masks(parts: list[Tensor], k: int, lo: Tensor, hi: Tensor, *, prune: b
             torch.abs(p[i : i + r], out=a[:, col : col + w])
             col += w
         blo, bhi = lo[i : i + r], hi[i : i + r]
-        t, ok, miss, above_hi, crowded, c_hi, c_lo = _block_threshold(buf, r, d, k, blo, bhi, flag, above)
-        for _ in range(_RETRIES):  # fix the bracket while the block is cached
-            todo = miss | crowded
-            if not bool(todo.any()):
+        for attempt in range(_RETRIES + 1):  # fix the brackets by counting while the block is cached
+            t, ok, miss, above_hi, crowded, c_hi, c_lo = _block_threshold(buf, r, d, k, blo, bhi, flag, above,
+                                                                           final=attempt == _RETRIES)
+            if t is not None:
                 break
             # missed: move past the old end, 8× wider; crowded: shrink around the linear interpolation of θ
             # between (hi, c_hi) and (lo, c_lo) to about 256 expected candidates
@@ -339,16 +344,14 @@ def _fast_masks(parts: list[Tensor], k: int, lo: Tensor, hi: Tensor, *, prune: b
             up, down = (miss & above_hi).unsqueeze(1), (miss & ~above_hi).unsqueeze(1)
             many = (c_lo - c_hi).clamp_min(1).unsqueeze(1)
             centre = bhi - (bhi - blo) * ((k - c_hi).unsqueeze(1) - 0.5) / many
-            half = (bhi - blo) * (128.0 / many)
+            half = (bhi - blo) * (64.0 / many)
             shrink = crowded.unsqueeze(1)
             blo, bhi = (
                 torch.where(up, bhi, torch.where(down, (blo - 8 * span).clamp_min(0),
                                                  torch.where(shrink, (centre - half).clamp_min(0), blo))),
                 torch.where(up, bhi + 8 * span, torch.where(down, blo, torch.where(shrink, centre + half, bhi))),
             )
-            t2, ok2, miss2, above2, crowded2, c_hi, c_lo = _block_threshold(buf, r, d, k, blo, bhi, flag, above)
-            t, ok = torch.where(ok.unsqueeze(1), t, t2), ok | (todo & ok2)
-            miss, above_hi, crowded = todo & miss2, above2, todo & crowded2
+        assert t is not None
         clean = bool(ok.all())
         if not clean:  # the reference on the unsettled rows, before their entries are touched
             bad = (~ok).nonzero().squeeze(1)
