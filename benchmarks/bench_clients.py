@@ -2,6 +2,8 @@
 
     python benchmarks/bench_clients.py --out benchmarks/results-cpu.json          # the full table
     python benchmarks/bench_clients.py --quick                                   # a one-minute subset
+    python benchmarks/bench_clients.py --models mlp784 --clients 100 --paths vectorized \
+        --algorithms proxskip,sparse_proxskip                                    # the cost of per-step TopK
 
 For every (model, n clients, path) one fresh Python process runs the configuration, so peak memory
 (``ru_maxrss``, or ``torch.cuda.max_memory_allocated`` on a GPU) belongs to that configuration alone.
@@ -38,7 +40,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PATHS = ("vectorized", "sequential", "handwritten")
-MODELS = ("logreg", "mlp", "cnn", "resnet18")
+MODELS = ("logreg", "mlp", "mlp784", "cnn", "resnet18")
+ALGORITHMS = ("proxskip", "sparse_proxskip")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class ModelSpec:
 SPECS: dict[str, ModelSpec] = {
     "logreg": ModelSpec("logreg", "logistic regression 784→62", (784,), 62),
     "mlp": ModelSpec("mlp", "MLP 64→32→10", (64,), 10),
+    "mlp784": ModelSpec("mlp784", "MLP 784→64→10 (Fashion-MNIST)", (784,), 10),
     "cnn": ModelSpec("cnn", "FEMNIST CNN (6.6M)", (1, 28, 28), 62),
     "resnet18": ModelSpec("resnet18", "ResNet-18 GroupNorm (11.2M)", (3, 32, 32), 10, gpu_only=True,
                           handwritten=False),
@@ -72,6 +76,7 @@ def build_model(name: str) -> Any:
     return {
         "logreg": lambda: LogisticRegression(784, 62),
         "mlp": lambda: MLP(64, [32], 10),
+        "mlp784": lambda: MLP(784, [64], 10),
         "cnn": lambda: FemnistCNN(62),
         "resnet18": lambda: ResNet18(num_classes=10, norm="group"),
     }[name]()
@@ -94,6 +99,8 @@ class Config:
     device: str = "cpu"
     seq_budget: float = 20.0
     framework: str | None = None
+    algorithm: str = "proxskip"
+    density: float = 0.1
 
 
 # ----------------------------------------------------------------------------------------- cost model
@@ -265,7 +272,7 @@ def _run_framework(cfg: Config, warmup: int, timed: int, sync: Any) -> tuple[flo
     import lightning as L
 
     from fl_lightning import FederatedDataModule, FederatedLightningModule
-    from fl_lightning.algorithms import proxskip
+    from fl_lightning.algorithms import proxskip, sparse_proxskip
     from fl_lightning.cli import quiet_irrelevant_warnings
 
     quiet_irrelevant_warnings()
@@ -307,7 +314,8 @@ def _run_framework(cfg: Config, warmup: int, timed: int, sync: Any) -> tuple[flo
         max_steps=warmup + timed, accelerator="gpu" if cfg.device.startswith("cuda") else "cpu", devices=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=[*proxskip(p=1.0 / cfg.k, mode="fixed", seed=0), timer],
+        callbacks=[*(proxskip(p=1.0 / cfg.k, mode="fixed", seed=0) if cfg.algorithm == "proxskip" else
+                     sparse_proxskip(p=1.0 / cfg.k, mode="fixed", density=cfg.density, seed=0)), timer],
     )
     trainer.fit(module, dm)
     return timer.elapsed / timer.count, timer.count
@@ -365,6 +373,8 @@ def _subprocess(flag: str, payload: dict[str, Any], timeout: float) -> dict[str,
 
 def _skip_reason(cfg: Config, cuda: bool, mem_limit_gb: float, peaks: dict[str, Any]) -> str | None:
     spec = SPECS[cfg.model]
+    if cfg.algorithm != "proxskip" and cfg.path != "vectorized":
+        return f"{cfg.algorithm}: vectorized path only"
     if spec.gpu_only and not cuda:
         return "GPU only (no CUDA here)"
     if cfg.path == "handwritten" and not spec.handwritten:
@@ -406,8 +416,9 @@ def markdown_table(rows: list[dict[str, Any]], peaks: dict[str, Any]) -> str:
         ms = 1e3 * r["step_s"]
         bound, which = roofline_s(r, peaks)
         mem = r.get("cuda_peak_mb", r.get("rss_peak_mb"))
+        path = f"{r['path']} {r['algorithm']}" if "algorithm" in r else r["path"]
         lines.append(
-            f"| {SPECS[r['model']].label} | {r['clients']} | {r['path']} | {_fmt(ms, 2)} | "
+            f"| {SPECS[r['model']].label} | {r['clients']} | {path} | {_fmt(ms, 2)} | "
             f"{_fmt(r['clients'] / r['step_s'], 0)} | {_fmt(r.get('vs_hand'), 2)} | "
             f"{_fmt(r.get('speedup_vs_sequential'), 1)} | {_fmt(mem, 0)} | "
             f"{_fmt(1e3 * bound, 2)} ({which}) | {_fmt(100 * bound / r['step_s'], 0)} |"
@@ -440,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-budget", type=float, default=20.0, help="seconds of timed sequential steps")
     parser.add_argument("--mem-limit-gb", type=float, default=6.0, help="skip CPU configs estimated above this")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement process")
+    parser.add_argument("--algorithms", default="proxskip",
+                        help=f"comma list of {ALGORITHMS}; sparse_proxskip rows get their ratio to proxskip")
+    parser.add_argument("--density", type=float, default=0.1, help="TopK density of sparse_proxskip")
     parser.add_argument("--framework", default=None,
                         help="measure the fl_lightning of this checkout instead of the installed one")
     parser.add_argument("--quick", action="store_true",
@@ -466,10 +480,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# measuring machine peaks ({args.threads} thread(s), {device})", file=sys.stderr)
     peaks = _subprocess("--peaks", {"threads": args.threads, "device": device}, args.timeout)
     framework = None if args.framework is None else str(Path(args.framework).resolve())
+    algorithms = [a for a in args.algorithms.split(",") if a]
+    for a in algorithms:
+        if a not in ALGORITHMS:
+            parser.error(f"unknown algorithm {a!r}; choose from {ALGORITHMS}")
     configs = [Config(m, n, p, batch_size=args.batch_size, samples_per_client=args.samples_per_client, k=args.k,
                       rounds=args.rounds, threads=args.threads, device=device, seq_budget=args.seq_budget,
-                      framework=framework)
-               for m in models for n in clients for p in paths]
+                      framework=framework, algorithm=a, density=args.density)
+               for m in models for n in clients for a in algorithms for p in paths]
     samples: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(configs))}
     skipped = {i: _skip_reason(c, cuda, args.mem_limit_gb, peaks) for i, c in enumerate(configs)}
     for rep in range(args.repeats):  # interleaved, so slow phases of a shared machine hit every config
@@ -484,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for i, cfg in enumerate(configs):
         row: dict[str, Any] = {"model": cfg.model, "clients": cfg.clients, "path": cfg.path}
+        if cfg.algorithm != "proxskip":
+            row.update(algorithm=cfg.algorithm, density=cfg.density)
         if skipped[i]:
             rows.append({**row, "skipped": skipped[i]})
             continue
@@ -499,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
         if cuda:
             row["cuda_peak_mb"] = max(s["cuda_peak_mb"] for s in ok)
         rows.append(row)
-    by_key = {(r["model"], r["clients"], r["path"]): r for r in rows}
+    by_key = {(r["model"], r["clients"], r["path"]): r for r in rows if "algorithm" not in r}
     for r in rows:
         hand = by_key.get((r["model"], r["clients"], "handwritten"))
         if r.get("ok") and hand and hand.get("ok"):
@@ -508,9 +528,19 @@ def main(argv: list[str] | None = None) -> None:
         seq = by_key.get((r["model"], r["clients"], "sequential"))
         if r.get("ok") and r["path"] == "vectorized" and seq and seq.get("ok"):
             r["speedup_vs_sequential"] = seq["step_s"] / r["step_s"]
+    ratios = []
+    for r in rows:
+        dense = by_key.get((r["model"], r["clients"], "vectorized"))
+        if r.get("ok") and "algorithm" in r and dense and dense.get("ok"):
+            r["vs_proxskip"] = r["step_s"] / dense["step_s"]
+            ratios.append(f"{r['algorithm']} / proxskip, {SPECS[r['model']].label}, n = {r['clients']}, "
+                          f"δ = {r['density']:g}: {1e3 * r['step_s']:.2f} / {1e3 * dense['step_s']:.2f} ms per "
+                          f"local step = {r['vs_proxskip']:.2f}×")
 
     table = markdown_table(rows, peaks)
     print(table)
+    if ratios:
+        print("\n" + "\n".join(ratios))
     bw = ", ".join(f"{int(k) / 2**20:g} MiB {v / 1e9:.0f}" for k, v in peaks["bytes_per_s"].items())
     print(f"\nPeaks: {peaks['peak_flops'] / 1e9:.0f} GFLOP/s (fp32 matmul); copy GB/s by array size: {bw}; "
           f"{args.threads} thread(s); batch {args.batch_size}; k = {args.k}.")

@@ -33,7 +33,17 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from fl_lightning.callbacks.base import FederatedCallback
-from fl_lightning.ops import SCOPES, Scope, _check_density, prunable, topk_mask
+from fl_lightning.ops import (
+    METHODS,
+    SCOPES,
+    Method,
+    Scope,
+    TopKWarmStart,
+    _check_density,
+    prunable,
+    topk_mask,
+    topk_prune_,
+)
 from fl_lightning.round import Round, Tensors
 
 if TYPE_CHECKING:
@@ -68,12 +78,16 @@ class TopKPruning(FederatedCallback):
             ``["local", "received"]``.
         scope: ``global`` (one TopK over all pruned tensors) or ``layer`` (per tensor).
         params: ``weights`` (default) or ``all``.
+        topk_method: how the per-step TopKs (``local``, ``forward``) are computed, :func:`fl_lightning.ops.topk_mask`'s
+            ``method``; every choice gives the same masks. Default ``"reference"``: the warm-started fast path
+            (``"auto"`` / ``"fast"``) is only faster when the threshold moves little between local steps, and
+            was slower than the reference on the benchmark's synthetic runs (docs/performance.md).
     """
 
     STATE = "topk_mask"
 
     def __init__(self, density: float, at: str | Sequence[str] = ("local", "received"), scope: Scope = "global",
-                 params: ParamSelection = "weights") -> None:
+                 params: ParamSelection = "weights", topk_method: Method = "reference") -> None:
         self.density = _check_density(density)
         self.at = _locations(at)
         if scope not in SCOPES:
@@ -82,8 +96,25 @@ class TopKPruning(FederatedCallback):
             raise ValueError(f"TopKPruning params must be 'weights' or 'all', got {params!r}")
         self.scope: Scope = scope
         self.params: ParamSelection = params
+        if topk_method not in METHODS:
+            raise ValueError(f"TopKPruning topk_method must be one of {METHODS}, got {topk_method!r}")
+        self.topk_method: Method = topk_method
         self.names: list[str] = []
         self._ste = "forward" in self.at  # STE somewhere in the run: optimizer state is left dense
+        # Previous thresholds of the per-step TopKs (``local``, ``forward``): speed only, results identical
+        # without them, so they are not part of the state (see ops.TopKWarmStart).
+        self._warm: dict[str, tuple[torch.Tensor | None, TopKWarmStart]] = {}
+
+    def _warm_start(self, at: str, clients: torch.Tensor | None) -> TopKWarmStart:
+        """The threshold cache of location ``at``, emptied when the participating clients change."""
+        rows, warm = self._warm.get(at, (None, TopKWarmStart()))
+        same = (rows is None and clients is None) or (
+            rows is not None and clients is not None and rows.shape == clients.shape and bool((rows == clients).all())
+        )
+        if not same:
+            warm.clear()
+        self._warm[at] = (None if clients is None else clients.clone(), warm)
+        return warm
 
     @property
     @override
@@ -133,7 +164,8 @@ class TopKPruning(FederatedCallback):
         if "forward" not in self.at:
             return params
         with torch.no_grad():
-            masks = topk_mask({k: params[k] for k in self.names}, self.density, scope=self.scope, stacked=True)
+            masks = topk_mask({k: params[k] for k in self.names}, self.density, scope=self.scope, stacked=True,
+                              warm_start=self._warm_start("forward", module.active_clients), method=self.topk_method)
         out = dict(params)
         for k, m in masks.items():
             x = params[k]
@@ -148,12 +180,12 @@ class TopKPruning(FederatedCallback):
         x = module.clients.x
         with torch.no_grad():
             rows = {k: (x[k] if idx is None else x[k][idx]) for k in self.names}
-            masks = topk_mask(rows, self.density, scope=self.scope, stacked=True)
-            for k, m in masks.items():
-                if idx is None:
-                    x[k].masked_fill_(~m, 0)  # not mul_: a dropped inf must become 0, not NaN
-                else:
-                    x[k][idx] = rows[k].masked_fill(~m, 0)
+            # In place (masked_fill semantics: a dropped inf becomes 0, not NaN); rows are copies with a cohort.
+            masks = topk_prune_(rows, self.density, scope=self.scope, stacked=True,
+                                warm_start=self._warm_start("local", idx), method=self.topk_method)
+            if idx is not None:
+                for k in self.names:
+                    x[k][idx] = rows[k]
             self._mask_momentum(trainer, module, masks, idx, stacked=True)
         self._record(module, masks, idx, stacked=True)
 

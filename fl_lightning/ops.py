@@ -10,6 +10,7 @@ server / global model), shape ``[*param_shape]``, and behave like a single clien
 Operators
 ---------
 - :func:`topk_mask` / :func:`topk` — TopK_δ of §1.1, global or per-layer scope.
+- :func:`topk_prune_` — x ← TopK_δ(x) in place; :class:`TopKWarmStart`, an optional threshold cache for both.
 - :func:`topk_count` — the number k = ⌈δ·d⌉ of entries TopK_δ keeps.
 - :func:`soft_threshold` — prox of t‖·‖₁ (the ``randprox_l1`` step of §1.3).
 - :func:`quantize` / :func:`quantized_bits` — QSGD stochastic quantisation (a choice of C_up / C_down
@@ -32,6 +33,7 @@ SCOPES: tuple[str, ...] = ("global", "layer")
 
 __all__ = [
     "SCOPES",
+    "TopKWarmStart",
     "density",
     "prunable",
     "quantize",
@@ -40,6 +42,7 @@ __all__ = [
     "topk",
     "topk_count",
     "topk_mask",
+    "topk_prune_",
 ]
 
 # Relative slack when rounding δ·d up to an integer (see `topk_count`).
@@ -151,14 +154,26 @@ def _topk_rows(a: Tensor, k: int) -> Tensor:
     In isolation (|randn|, δ = 0.1): topk 47 ms, tie fix 56 ms, stable sort alone 498 ms. So 2–4×
     faster, and bit-identical to the stable sort on every tested input. Because only the *value* θ of
     ``topk`` is used (never its indices), the result is deterministic on every backend.
+
+    This is the reference implementation; :func:`topk_mask` may take the fast path of :func:`_fast_masks`
+    instead, which must (and is tested to) return the same masks.
     """
-    d = a.shape[1]
-    if k >= d:
+    if k >= a.shape[1]:
         return torch.ones_like(a, dtype=torch.bool)
+    return _select_rows(a, k, _kth_rows(a, k))
+
+
+def _kth_rows(a: Tensor, k: int) -> Tensor:
+    """θ, the k-th largest entry of every row of ``a`` ([n, d], 1 ≤ k < d), shape [n, 1], by ``torch.topk``."""
+    d = a.shape[1]
     if k <= d - k + 1:
-        theta = torch.topk(a, k, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
-    else:
-        theta = torch.topk(a, d - k + 1, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+        return torch.topk(a, k, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
+    return torch.topk(a, d - k + 1, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+
+
+def _select_rows(a: Tensor, k: int, theta: Tensor) -> Tensor:
+    """Every entry > θ, and the first k − #{> θ} entries == θ in row-major order (the tie rule of §1.1)."""
+    d = a.shape[1]
     greater = a > theta
     equal = a == theta
     # Entries equal to θ still needed per row (≥ 1 by definition of θ).
@@ -171,6 +186,199 @@ def _topk_rows(a: Tensor, k: int) -> Tensor:
     return greater | (equal & (equal.cumsum(dim=1, dtype=idx_dtype) <= need))
 
 
+# --------------------------------------------------------------------------------------------- fast exact TopK
+Method = Literal["auto", "reference", "fast"]
+METHODS: tuple[str, ...] = ("auto", "reference", "fast")
+
+_FAST_BLOCK = 2**18  # entries per row block of the fast path: its float32 scratch (1 MiB) stays in the L2 cache
+_FAST_MIN_NUMEL = 2**16  # below this many entries per scope the reference is as fast (``method="auto"``)
+_CHUNK = 64  # entries per chunk when extracting the candidates of a bracket
+_CAP = 512  # candidates per row beyond which a bracket is shrunk (by counting) before extracting them
+_RETRIES = 6  # attempts to move a missed bracket before a row falls back to the reference
+_WARM_MIN, _WARM_MAX = 2e-3, 0.25  # bounds of the warm bracket's relative half-width
+
+
+class TopKWarmStart:
+    """Optional cache of the previous thresholds θ of :func:`topk_mask` / :func:`topk_prune_`, per scope.
+
+    TopK_δ keeps the entries with magnitude ≥ θ (the k-th largest magnitude of each row, DESIGN §1.1). Between
+    two local steps θ moves little, so the previous θ gives a tight bracket [θ(1−r), θ(1+r)] for the next one.
+    The cache only picks the bracket the fast path searches first: every row whose bracket turns out wrong is
+    recomputed by the reference, so results are bit-identical with, without or with a stale cache, and it need
+    not be checkpointed. Entries are keyed by scope (``""`` for the global scope, the tensor's name for a
+    layer) and only used when the number of rows matches; :meth:`clear` forgets them (e.g. a new cohort).
+    """
+
+    def __init__(self) -> None:
+        self.theta: dict[str, Tensor] = {}
+        self.width: dict[str, float] = {}
+
+    def clear(self) -> None:
+        self.theta.clear()
+        self.width.clear()
+
+    def bracket(self, key: str, n: int) -> tuple[Tensor, Tensor] | None:
+        """(lo, hi) of shape [n, 1] around the cached θ, or ``None`` when nothing usable is cached."""
+        theta = self.theta.get(key)
+        if theta is None or theta.shape[0] != n:
+            return None
+        r = self.width.get(key, 0.01)
+        return (theta * (1 - r)).unsqueeze(1), (theta * (1 + r)).unsqueeze(1)
+
+    def update(self, key: str, theta: Tensor) -> None:
+        """Store the new θ [n]; the next half-width r is 4× the largest relative move of θ, bounded."""
+        old = self.theta.get(key)
+        r = 0.01
+        if old is not None and old.shape == theta.shape:
+            move = ((theta - old).abs() / old.clamp_min(torch.finfo(old.dtype).tiny)).nan_to_num(nan=_WARM_MAX)
+            r = float(move.amax()) * 4 if move.numel() else r
+        self.width[key] = min(_WARM_MAX, max(_WARM_MIN, r))
+        self.theta[key] = theta.clone()
+
+
+def _fast_eligible(parts: list[Tensor], k: int, method: Method) -> bool:
+    """Whether the fast path applies: CPU, one float dtype, 1 ≤ k < d < 2²⁴ (exact float32 counts)."""
+    if method == "reference":
+        return False
+    d = sum(p.shape[1] for p in parts)
+    ok = (
+        all(p.device.type == "cpu" for p in parts)
+        and len({p.dtype for p in parts}) == 1
+        and parts[0].dtype in (torch.float32, torch.float64)
+        and 1 <= k < d < 2**24
+        and parts[0].shape[0] > 0
+    )
+    return ok and (method == "fast" or parts[0].shape[0] * d >= _FAST_MIN_NUMEL)
+
+
+def _block_threshold(buf: Tensor, r: int, d: int, k: int, lo: Tensor, hi: Tensor, flag: Tensor, above: Tensor,
+                     final: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """θ (the k-th largest entry, [r, 1]) of each row of the magnitudes ``a = buf[:r·d].view(r, d)`` (in the
+    cache; ``buf`` and ``flag`` flat, at least r·d rounded up to a 64-entry chunk; ``above`` ≥ r·d), and the
+    rows where θ is exact and alone, #{a ≥ θ} = k (bool [r]); the other rows are left to the reference.
+
+    Counts c_hi = #{a > hi} and c_lo = #{a ≥ lo} are sums of 0/1 floats (exact below 2²⁴ entries). Where
+    c_hi < k ≤ c_lo, θ lies in the bracket and is the j-th largest of the candidates lo ≤ a ≤ hi, j = k − c_hi
+    (a sort of the few candidates per row); #{a ≥ θ} = c_hi + #{candidates ≥ θ} then tells whether θ is
+    tied beyond k. A row with a NaN, a bracket that misses θ or more than d/16 candidates (ties) is not ok.
+    Also returned, for a retry: the rows whose bracket missed θ, whether θ lies above it, the crowded rows,
+    and the counts c_hi, c_lo. Unless ``final``, a block with such rows returns θ = ``None`` right after the
+    counts (the candidates are only extracted once every bracket is right)."""
+    size = r * d
+    a = buf[:size].view(r, d)
+    end = -(-size // _CHUNK) * _CHUNK
+    f = flag[:size].view(r, d)
+    g = above[:size].view(r, d)
+    torch.gt(a, hi, out=g)
+    torch.ge(a, lo, out=f)
+    c_hi = g.sum(1)
+    c_lo = f.sum(1)
+    f.sub_(g)  # 1 at the candidates lo ≤ a ≤ hi (hi ≥ lo)
+    count = c_lo - c_hi
+    cap = max(64, min(_CAP, d // 16))  # candidates per row worth extracting
+    crowded = count > cap
+    finite = ~a.sum(1).isnan()
+    inside = (c_hi < k) & (c_lo >= k)
+    miss, crowded_in = finite & ~crowded & ~inside, finite & crowded & inside
+    if not final and bool((miss | crowded_in).any()):
+        return None, inside, miss, c_hi >= k, crowded_in, c_hi, c_lo
+    if bool(crowded.any()):
+        f[crowded] = 0
+        count = count.masked_fill(crowded, 0)
+    # Extract the candidates: first the 64-entry chunks holding any (a max over each chunk), then the
+    # candidates inside them; chunks are in row-major order, so the values stay grouped by row.
+    flag[size:end] = 0  # the tail of the last chunk
+    chunks = flag[:end].view(-1, _CHUNK)
+    hit = chunks.amax(1).nonzero().squeeze(1)
+    vals = buf[:end].view(-1, _CHUNK)[hit].masked_select(chunks[hit].bool())
+    counts = count.long()
+    width = max(1, int(counts.max()))
+    row = torch.repeat_interleave(torch.arange(r), counts)
+    pos = torch.arange(vals.numel()) - (torch.cumsum(counts, 0) - counts)[row]
+    cand = torch.full((r, width), -1.0, dtype=a.dtype)  # magnitudes are ≥ 0: padding sorts last
+    cand[row, pos] = vals
+    cand = cand.sort(dim=1, descending=True).values
+    j = (k - c_hi.long()).clamp(1, width)
+    theta = cand.gather(1, (j - 1).unsqueeze(1))
+    ge = c_hi + (cand >= theta).sum(1).to(a.dtype)
+    ok = finite & ~crowded & inside & (ge == k)
+    return theta, ok, miss, c_hi >= k, crowded_in, c_hi, c_lo
+
+
+def _fast_masks(parts: list[Tensor], k: int, lo: Tensor, hi: Tensor, *, prune: bool) -> tuple[list[Tensor], Tensor]:
+    """Masks of TopK_k over the rows formed by ``parts`` ([n, d_j] each, concatenated) — bit-identical to
+    :func:`_topk_rows` on their magnitudes — and θ per row ([n]); with ``prune`` the parts are zeroed in
+    place outside the masks (+0.0, as ``masked_fill``).
+
+    One streaming pass over blocks of rows that fit the L2 cache: |x| into a scratch block, θ by
+    :func:`_block_threshold` inside the bracket [lo, hi] ([n, 1] each), then mask = |x| ≥ θ and the zeroing
+    while the block is still cached. Rows θ cannot be settled for get the reference (``torch.topk`` and the
+    tie rule) on their magnitudes, NaN as +∞."""
+    n = parts[0].shape[0]
+    widths = [p.shape[1] for p in parts]
+    d = sum(widths)
+    dtype = parts[0].dtype
+    rows_per = max(1, _FAST_BLOCK // d)
+    cells = min(rows_per, n) * d
+    buf = torch.empty(-(-cells // _CHUNK) * _CHUNK, dtype=dtype)
+    flag = torch.empty_like(buf)
+    above = torch.empty(cells, dtype=dtype)
+    masks = [torch.empty(p.shape, dtype=torch.bool) for p in parts]
+    theta = torch.empty(n, dtype=dtype)
+    for i in range(0, n, rows_per):
+        r = min(rows_per, n - i)
+        a = buf[: r * d].view(r, d)
+        col = 0
+        for p, w in zip(parts, widths):
+            torch.abs(p[i : i + r], out=a[:, col : col + w])
+            col += w
+        blo, bhi = lo[i : i + r], hi[i : i + r]
+        for attempt in range(_RETRIES + 1):  # fix the brackets by counting while the block is cached
+            t, ok, miss, above_hi, crowded, c_hi, c_lo = _block_threshold(buf, r, d, k, blo, bhi, flag, above,
+                                                                           final=attempt == _RETRIES)
+            if t is not None:
+                break
+            # missed: move past the old end, 8× wider; crowded: shrink around the linear interpolation of θ
+            # between (hi, c_hi) and (lo, c_lo) to about 256 expected candidates
+            span = torch.maximum(bhi - blo, bhi * 1e-3).clamp_min(torch.finfo(dtype).tiny)
+            up, down = (miss & above_hi).unsqueeze(1), (miss & ~above_hi).unsqueeze(1)
+            many = (c_lo - c_hi).clamp_min(1).unsqueeze(1)
+            centre = bhi - (bhi - blo) * ((k - c_hi).unsqueeze(1) - 0.5) / many
+            half = (bhi - blo) * (64.0 / many)
+            shrink = crowded.unsqueeze(1)
+            blo, bhi = (
+                torch.where(up, bhi, torch.where(down, (blo - 8 * span).clamp_min(0),
+                                                 torch.where(shrink, (centre - half).clamp_min(0), blo))),
+                torch.where(up, bhi + 8 * span, torch.where(down, blo, torch.where(shrink, centre + half, bhi))),
+            )
+        assert t is not None
+        clean = bool(ok.all())
+        if not clean:  # the reference on the unsettled rows, before their entries are touched
+            bad = (~ok).nonzero().squeeze(1)
+            mag = a[bad].nan_to_num(nan=math.inf)
+            t_ref = _kth_rows(mag, k)
+            ref = _select_rows(mag, k, t_ref)
+            t[bad] = t_ref
+        theta[i : i + r] = t.squeeze(1)
+        keep = flag[: r * d].view(r, d)
+        torch.ge(a, t, out=keep)
+        col = 0
+        for p, w, m in zip(parts, widths, masks):
+            f = keep[:, col : col + w]
+            if not clean:
+                f[bad] = ref[:, col : col + w].to(dtype)
+            m[i : i + r].copy_(f)
+            if prune:
+                # x·1 = x and x·0 = ±0 (a dropped entry is finite: |x| < θ, or the reference dropped it); + 0.0
+                # turns −0 into +0. A kept −0 would need θ = 0 with #{|x| ≥ 0} = k < d: only on a reference row.
+                if clean:
+                    p[i : i + r].mul_(f).add_(0.0)
+                else:
+                    p[i : i + r].masked_fill_(~m[i : i + r], 0)
+            col += w
+    return masks, theta
+
+
 # --------------------------------------------------------------------------------------------- TopK
 def topk_mask(
     tensors: Mapping[str, Tensor],
@@ -178,6 +386,8 @@ def topk_mask(
     *,
     scope: Scope = "global",
     stacked: bool = True,
+    warm_start: TopKWarmStart | None = None,
+    method: Method = "auto",
 ) -> dict[str, Tensor]:
     """Masks of TopK_δ (DESIGN §1.1): True at the k = ⌈δ·d⌉ entries of largest magnitude per scope.
 
@@ -187,35 +397,100 @@ def topk_mask(
         scope: ``"global"`` — one TopK over all given tensors together (d = total entries per client);
             ``"layer"`` — one TopK per tensor (d = entries of that tensor per client).
         stacked: dim 0 is the client dimension and every client gets its own mask.
+        warm_start: optional :class:`TopKWarmStart` holding the previous call's thresholds (speed only:
+            the result does not depend on it).
+        method: ``"reference"`` (``torch.topk`` per row, :func:`_topk_rows`), ``"fast"`` (the bracket search
+            of :func:`_fast_masks` around the thresholds in ``warm_start``; CPU float32/float64 only, and the
+            reference while ``warm_start`` holds nothing for the scope), or ``"auto"`` (fast where it applies
+            and the scope has at least 2¹⁶ entries). All three return the same masks.
 
     Returns:
         ``name -> bool Tensor`` of the same shapes. Each client keeps exactly k entries per scope
         (k from :func:`topk_count`, ≥ 1). Ties are broken deterministically: among equal magnitudes
         the entry with the lower flat index wins (order of the mapping, then row-major), i.e. the
         result of a stable descending sort — also when all entries are equal or zero. NaN counts as
-        the largest magnitude. Computed without gradient and without host synchronisation.
+        the largest magnitude. Computed without gradient; the reference (used on accelerators) also
+        without host synchronisation.
     """
+    return _topk_dispatch(tensors, density, scope=scope, stacked=stacked, warm_start=warm_start, method=method,
+                          prune=False)
+
+
+def topk_prune_(
+    tensors: Mapping[str, Tensor],
+    density: float,
+    *,
+    scope: Scope = "global",
+    stacked: bool = True,
+    warm_start: TopKWarmStart | None = None,
+    method: Method = "auto",
+) -> dict[str, Tensor]:
+    """x ← TopK_δ(x) in place (DESIGN §1.2, "step 7"): zero (+0.0) every entry outside :func:`topk_mask`.
+
+    Same arguments as :func:`topk_mask`, whose masks it returns; equivalent to
+    ``m = topk_mask(...); x.masked_fill_(~m, 0)`` for every tensor, but on the fast path the zeroing happens
+    in the same cache-sized blocks as the mask. The tensors must be writable (not views needing autograd).
+    """
+    return _topk_dispatch(tensors, density, scope=scope, stacked=stacked, warm_start=warm_start, method=method,
+                          prune=True)
+
+
+def _topk_dispatch(
+    tensors: Mapping[str, Tensor],
+    density: float,
+    *,
+    scope: Scope,
+    stacked: bool,
+    warm_start: TopKWarmStart | None,
+    method: Method,
+    prune: bool,
+) -> dict[str, Tensor]:
     density = _check_density(density)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_stacked(tensors, stacked)
+    groups = [(name, {name: t}) for name, t in tensors.items()] if scope == "layer" else [("", dict(tensors))]
+    out: dict[str, Tensor] = {}
     with torch.no_grad():
-        if scope == "layer":
-            out = {}
-            for name, t in tensors.items():
-                rows = _magnitudes(_as_rows(t, stacked))
-                out[name] = _topk_rows(rows, topk_count(rows.shape[1], density)).reshape(t.shape)
-            return out
-        rows = [_magnitudes(_as_rows(t, stacked)) for t in tensors.values()]
-        sizes = [r.shape[1] for r in rows]
-        if sum(sizes) == 0:
-            raise ValueError("tensors have no entries to prune")
-        a = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)  # cat promotes mixed dtypes
-        mask = _topk_rows(a, topk_count(a.shape[1], density))
-        return {
-            name: m.reshape(t.shape)
-            for (name, t), m in zip(tensors.items(), mask.split(sizes, dim=1))
-        }
+        for key, group in groups:
+            out.update(_topk_group(key, group, density, stacked=stacked, warm_start=warm_start, method=method,
+                                   prune=prune, layer=scope == "layer"))
+    return out
+
+
+def _topk_group(key: str, group: dict[str, Tensor], density: float, *, stacked: bool,
+                warm_start: TopKWarmStart | None, method: Method, prune: bool, layer: bool) -> dict[str, Tensor]:
+    """TopK masks of one scope (one tensor, or all of them together), pruning in place with ``prune``."""
+    views = [_as_rows(t, stacked) for t in group.values()]
+    sizes = [v.shape[1] for v in views]
+    d = sum(sizes)
+    if d == 0 and not layer:
+        raise ValueError("tensors have no entries to prune")
+    k = topk_count(d, density)
+    n = views[0].shape[0]
+    writable = all(v.data_ptr() == t.data_ptr() and v.is_contiguous() for v, t in zip(views, group.values()))
+    fast = _fast_eligible(views, k, method) and (writable or not prune)
+    bracket = warm_start.bracket(key, n) if fast and warm_start is not None else None
+    if bracket is not None:
+        assert warm_start is not None
+        masks, theta = _fast_masks(views, k, *bracket, prune=prune)
+        warm_start.update(key, theta)
+        return {name: m.reshape(t.shape) for (name, t), m in zip(group.items(), masks)}
+    rows = [_magnitudes(v) for v in views]
+    a = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)  # cat promotes mixed dtypes
+    if fast and warm_start is not None:  # no bracket yet: the reference, and its θ seeds the next call
+        theta = _kth_rows(a, k)
+        mask = _select_rows(a, k, theta)
+        warm_start.update(key, theta.squeeze(1))
+    else:
+        mask = _topk_rows(a, k)
+    out = {name: m.reshape(t.shape) for (name, t), m in zip(group.items(), mask.split(sizes, dim=1))}
+    if prune:
+        for name, t in group.items():
+            t.masked_fill_(~out[name], 0)
+    return out
 
 
 def topk(

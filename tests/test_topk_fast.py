@@ -1,0 +1,186 @@
+"""The fast exact TopK (``fl_lightning.ops._fast_masks``, ``TopKWarmStart``) against the reference (DESIGN §1.1).
+
+The fast path must return the *same* masks as the reference ``torch.topk`` + tie rule (lower flat index wins
+among equal magnitudes), whatever bracket it searches first: a good warm start, a stale one, a wrong one.
+Equality is exact (a selection has no rounding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fl_lightning.ops import (
+    TopKWarmStart,
+    _fast_masks,
+    _magnitudes,
+    _topk_rows,
+    topk_count,
+    topk_mask,
+    topk_prune_,
+)
+
+SHAPES = {"w1": (6, 9), "b": (4,), "w2": (3, 5)}  # 54 + 4 + 15 = 73 entries per client
+
+
+def _state(n: int, kind: str, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in SHAPES.items():
+        if kind == "ties":  # a small integer set: exact ties in magnitude, and signed pairs
+            out[name] = torch.randint(-2, 3, (n, *shape), generator=g).float()
+        elif kind == "zeros":  # mostly zeros (a pruned model after a tiny step)
+            x = torch.randn((n, *shape), generator=g)
+            out[name] = torch.where(torch.rand((n, *shape), generator=g) < 0.8, torch.zeros_like(x), x)
+        else:
+            out[name] = torch.randn((n, *shape), generator=g)
+    return out
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal as bit patterns (tells +0.0 from −0.0)."""
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _perturb(x: dict[str, torch.Tensor], scale: float, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in x.items()}
+
+
+DENSITIES = st.sampled_from([1e-6, 0.01, 0.05, 0.1, 0.3, 0.5, 0.9, 0.99, 1.0])  # 1e-6: k = 1; 1.0: k = n
+
+
+# --------------------------------------------------------------------------------------------- the core
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 7), d=st.integers(1, 300), k_frac=st.floats(0.0, 1.0), kind=st.sampled_from(
+    ["randn", "ties", "zeros"]), lo_q=st.floats(0.0, 1.0), width=st.floats(0.0, 1.0), seed=st.integers(0, 10**6))
+def test_property_fast_masks_equal_the_reference_for_any_bracket(n, d, k_frac, kind, lo_q, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        x = torch.randint(-3, 4, (n, d), generator=g).float()
+    elif kind == "zeros":
+        x = torch.randn(n, d, generator=g) * (torch.rand(n, d, generator=g) < 0.3)
+    else:
+        x = torch.randn(n, d, generator=g)
+    k = min(d - 1, max(1, round(k_frac * d)))
+    if d < 2:
+        return  # the fast path needs 1 ≤ k < d
+    a = x.abs()
+    # any bracket: around the true θ, or anywhere (then the rows fall back to the reference)
+    lo = torch.quantile(a, lo_q, dim=1, keepdim=True)
+    hi = lo + width * (a.amax(1, keepdim=True) - lo)
+    masks, theta = _fast_masks([x[:, : d // 2], x[:, d // 2 :]], k, lo, hi, prune=False)
+    ref = _topk_rows(_magnitudes(x), k)
+    assert torch.equal(torch.cat(masks, dim=1), ref)
+    assert torch.equal(theta, a.masked_fill(~ref, math.inf).amin(1))  # θ: the smallest kept magnitude
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5), dens=DENSITIES, scope=st.sampled_from(["global", "layer"]),
+       kind=st.sampled_from(["randn", "ties", "zeros"]), seed=st.integers(0, 10**6))
+def test_property_warm_start_sequence_equals_the_reference(n, dens, scope, kind, seed):
+    """A sequence of slightly perturbed inputs (local steps): every call, warm or cold, equals the reference."""
+    warm = TopKWarmStart()
+    x = _state(n, kind, seed)
+    for step in range(4):
+        ref = topk_mask(x, dens, scope=scope, method="reference")
+        fast = topk_mask(x, dens, scope=scope, method="fast", warm_start=warm)
+        assert _equal(fast, ref), f"step {step}"
+        x = _perturb(x, 10.0 ** -(step + 1), seed + step)
+        if kind == "ties":
+            x = {k: v.round() for k, v in x.items()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5), dens=DENSITIES, scope=st.sampled_from(["global", "layer"]),
+       kind=st.sampled_from(["randn", "ties", "zeros"]), seed=st.integers(0, 10**6))
+def test_property_prune_in_place_equals_masked_fill(n, dens, scope, kind, seed):
+    warm = TopKWarmStart()
+    x = _state(n, kind, seed)
+    for step in range(3):
+        ref = topk_mask(x, dens, scope=scope, method="reference")
+        y = {k: v.clone() for k, v in x.items()}
+        masks = topk_prune_(y, dens, scope=scope, method="fast", warm_start=warm)
+        assert _equal(masks, ref)
+        for k in x:
+            assert _bitwise(y[k], x[k].masked_fill(~ref[k], 0)), k  # +0.0 where dropped, as masked_fill
+        x = _perturb(y, 0.01, seed + step)
+
+
+# --------------------------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("dens", [1e-9, 0.5, 1.0])  # k = 1, k = d/2, k = d
+@pytest.mark.parametrize("fill", [0.0, 1.0, -2.5])
+def test_all_equal_rows_pick_the_lowest_indices(scope, dens, fill):
+    x = {k: torch.full((3, *s), fill) for k, s in SHAPES.items()}
+    warm = TopKWarmStart()
+    ref = topk_mask(x, dens, scope=scope, method="reference")
+    for _ in range(3):
+        assert _equal(topk_mask(x, dens, scope=scope, method="fast", warm_start=warm), ref)
+
+
+def test_nan_and_inf_rows_match_the_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 400, generator=g)
+    x[1, 7] = math.nan
+    x[2, :3] = math.inf
+    x[3, 5] = -math.inf
+    x[4, :] = math.nan
+    warm = TopKWarmStart()
+    for _ in range(3):
+        ref = topk_mask({"w": x}, 0.1, method="reference")
+        assert _equal(topk_mask({"w": x}, 0.1, method="fast", warm_start=warm), ref)
+        y = {"w": x.clone()}
+        topk_prune_(y, 0.1, method="fast", warm_start=warm)
+        assert torch.equal(y["w"].isnan(), x.masked_fill(~ref["w"], 0).isnan())
+        assert torch.equal(y["w"].nan_to_num(), x.masked_fill(~ref["w"], 0).nan_to_num())
+
+
+def test_a_wrong_or_stale_warm_start_changes_nothing():
+    x = {"w": torch.randn(4, 500, generator=torch.Generator().manual_seed(1))}
+    ref = topk_mask(x, 0.2, method="reference")
+    for theta in (torch.zeros(4), torch.full((4,), math.inf), torch.full((4,), 1e-30), torch.rand(4) * 3):
+        warm = TopKWarmStart()
+        warm.theta[""] = theta
+        assert _equal(topk_mask(x, 0.2, method="fast", warm_start=warm), ref)
+    warm = TopKWarmStart()
+    warm.theta[""] = torch.ones(3)  # another number of rows: ignored
+    assert _equal(topk_mask(x, 0.2, method="fast", warm_start=warm), ref)
+
+
+def test_float64_and_unstacked_match_the_reference():
+    x = {"w": torch.randn(3, 200, dtype=torch.float64), "v": torch.randn(3, 50, dtype=torch.float64)}
+    warm = TopKWarmStart()
+    for _ in range(2):
+        assert _equal(topk_mask(x, 0.3, method="fast", warm_start=warm), topk_mask(x, 0.3, method="reference"))
+    one = {"w": torch.randn(40, 30)}
+    warm = TopKWarmStart()
+    for _ in range(2):
+        assert _equal(topk_mask(one, 0.1, stacked=False, method="fast", warm_start=warm),
+                      topk_mask(one, 0.1, stacked=False, method="reference"))
+
+
+def test_auto_uses_the_fast_path_on_large_inputs_and_keeps_exactly_k():
+    n, d = 20, 5000  # 10⁵ entries ≥ 2¹⁶: "auto" takes the fast path once warm
+    x = {"w": torch.randn(n, d, generator=torch.Generator().manual_seed(2))}
+    warm = TopKWarmStart()
+    k = topk_count(d, 0.1)
+    for step in range(3):
+        m = topk_mask(x, 0.1, warm_start=warm)
+        assert _equal(m, topk_mask(x, 0.1, method="reference"))
+        assert (m["w"].sum(1) == k).all()
+        x = _perturb(x, 1e-3, step)
+    assert "" in warm.theta and warm.theta[""].shape == (n,)
+
+
+def test_method_is_validated():
+    with pytest.raises(ValueError, match="method"):
+        topk_mask({"w": torch.randn(2, 3)}, 0.5, method="quick")
