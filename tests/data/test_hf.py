@@ -83,7 +83,8 @@ def _fit(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", "--data.dataset", "hf",
          "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-         "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(tmp_path), *args],
+         "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(tmp_path),
+         "--data.batch_size", "8", *args],  # the fixtures' clients hold ~30 samples: below the quickstart's 32
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
 
@@ -109,10 +110,12 @@ def test_tabular_dataset_trains_through_train_py(tmp_path: Path) -> None:
 def test_natural_and_flwr_partitions_of_an_hf_dataset(tmp_path: Path) -> None:
     datasets.DatasetDict({"train": _images(), "test": _images(30, seed=1)}).save_to_disk(tmp_path / "imgs")
     args = {"path": str(tmp_path / "imgs"), "natural_id_column": "writer"}
-    ours = FederatedDataModule(dataset="hf", dataset_args=args, num_clients=6, partition="natural", data_dir=tmp_path)
+    ours = FederatedDataModule(dataset="hf", dataset_args=args, num_clients=6, partition="natural", data_dir=tmp_path,
+                               batch_size=8)
     ours.setup()
     flwr = FederatedDataModule(dataset="hf", dataset_args=args, num_clients=6, partition="flwr",
-                               partition_args={"partitioner": "NaturalIdPartitioner"}, data_dir=tmp_path)
+                               partition_args={"partitioner": "NaturalIdPartitioner"}, data_dir=tmp_path,
+                               batch_size=8)
     flwr.setup()
     assert sorted(map(len, ours.client_indices)) == sorted(map(len, flwr.client_indices)) == [20] * 6
     dirichlet = partition("flwr", np.arange(120) % 3, 4, seed=3, partitioner="DirichletPartitioner", alpha=0.5,
