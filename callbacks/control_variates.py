@@ -76,14 +76,10 @@ class ControlVariates(FederatedCallback):
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         h = pl_module.clients.extra[self.STATE]
-        idx = pl_module.active_clients
+        cohort = pl_module.cohort
         for k, x in pl_module.clients.x.items():
-            if x.grad is None:
-                continue
-            if idx is None:
-                x.grad.sub_(h[k])
-            else:
-                x.grad.index_add_(0, idx, h[k][idx], alpha=-1.0)
+            if x.grad is not None:
+                cohort.add_(x.grad, cohort.take(h[k]), alpha=-1.0)
 
     @override
     def on_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
@@ -92,8 +88,7 @@ class ControlVariates(FederatedCallback):
         h = module.clients.extra[self.STATE]
         scale = 1.0 / self._p_over_gamma(module)
         for k in rnd.uplink:
-            hk = h[k] if rnd.clients is None else h[k][rnd.clients]
-            rnd.uplink[k] = torch.add(rnd.uplink[k], hk, alpha=-scale)  # one temporary, not two
+            rnd.uplink[k] = torch.add(rnd.uplink[k], rnd.cohort.take(h[k]), alpha=-scale)  # one temporary, not two
 
     @override
     def on_receive(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
@@ -101,10 +96,10 @@ class ControlVariates(FederatedCallback):
         ref = rnd.mean if self.reference == "mean" else rnd.broadcast
         scale = self._p_over_gamma(module)
         for k, hk in h.items():
-            if rnd.clients is None:  # in place: no [n, ...] temporaries
+            if rnd.cohort.rows is None:  # in place: no [n, ...] temporaries
                 hk.sub_(rnd.local[k], alpha=scale).add_(ref[k].unsqueeze(0), alpha=scale)
             else:
-                hk.index_add_(0, rnd.clients, torch.sub(ref[k].unsqueeze(0), rnd.local[k]), alpha=scale)
+                rnd.cohort.add_(hk, torch.sub(ref[k].unsqueeze(0), rnd.local[k]), alpha=scale)
 
     @override
     def on_round_end(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
@@ -114,7 +109,7 @@ class ControlVariates(FederatedCallback):
         """‖Σ_i w_i h_i‖ over all clients (zero with the ``mean`` reference)."""
         h = module.clients.extra[self.STATE]
         w = module.client_weights[module.client_ids]
-        sq = sum((module._reduce(torch.tensordot(w.to(v.dtype), v, dims=1)) ** 2).sum() for v in h.values())
+        sq = sum((module.reduce(torch.tensordot(w.to(v.dtype), v, dims=1)) ** 2).sum() for v in h.values())
         return torch.as_tensor(sq).sqrt()
 
     @override

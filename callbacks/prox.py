@@ -50,14 +50,11 @@ class L1Prox(FederatedCallback):
     @override
     def on_local_step_end(self, trainer: Trainer, module: FederatedLightningModule) -> None:
         threshold = module.current_lr() * self.lam
-        idx = module.active_clients
+        cohort = module.cohort
         with torch.no_grad():
             for k in self.names:
                 x = module.clients.x[k]
-                if idx is None:
-                    x.copy_(soft_threshold(x, threshold))
-                else:
-                    x[idx] = soft_threshold(x[idx], threshold)
+                cohort.put_(x, soft_threshold(cohort.take(x), threshold))
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -165,7 +165,7 @@ class TopKPruning(FederatedCallback):
             return params
         with torch.no_grad():
             masks = topk_mask({k: params[k] for k in self.names}, self.density, scope=self.scope, stacked=True,
-                              warm_start=self._warm_start("forward", module.active_clients), method=self.topk_method)
+                              warm_start=self._warm_start("forward", module.cohort.rows), method=self.topk_method)
         out = dict(params)
         for k, m in masks.items():
             x = params[k]
@@ -176,18 +176,18 @@ class TopKPruning(FederatedCallback):
     def on_local_step_end(self, trainer: Trainer, module: FederatedLightningModule) -> None:
         if "local" not in self.at:
             return
-        idx = module.active_clients
+        cohort = module.cohort
         x = module.clients.x
         with torch.no_grad():
-            rows = {k: (x[k] if idx is None else x[k][idx]) for k in self.names}
+            rows = {k: cohort.take(x[k]) for k in self.names}
             # In place (masked_fill semantics: a dropped inf becomes 0, not NaN); rows are copies with a cohort.
             masks = topk_prune_(rows, self.density, scope=self.scope, stacked=True,
-                                warm_start=self._warm_start("local", idx), method=self.topk_method)
-            if idx is not None:
+                                warm_start=self._warm_start("local", cohort.rows), method=self.topk_method)
+            if cohort.rows is not None:
                 for k in self.names:
-                    x[k][idx] = rows[k]
-            self._mask_momentum(trainer, module, masks, idx, stacked=True)
-        self._record(module, masks, idx, stacked=True)
+                    cohort.put_(x[k], rows[k])
+            self._mask_momentum(trainer, module, masks, cohort.rows, stacked=True)
+        self._record(module, masks, cohort.rows, stacked=True)
 
     def _mask_momentum(self, trainer: Trainer, module: FederatedLightningModule, masks: Tensors,
                        idx: torch.Tensor | None, *, stacked: bool) -> None:

@@ -7,6 +7,7 @@ it moves with Lightning's accelerator and lands in checkpoints (DESIGN §2.1).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +57,20 @@ class TensorGroup(nn.Module):
     def as_dict(self) -> dict[str, Tensor]:
         return dict(self.items())
 
+    @staticmethod
+    def groups_in(state_dict: Mapping[str, Tensor], prefix: str,
+                  names: Mapping[str, object]) -> list[tuple[str, TensorGroup]]:
+        """Empty groups shaped like those a state dict holds under ``prefix`` (``<prefix><group>.<tensor>``),
+        for loading it into a module that has not created them; ``names`` are the tensors' original
+        (dotted) names where known (the model's parameter names)."""
+        original = {_mangle(k): k for k in names}
+        wanted: dict[str, dict[str, Tensor]] = {}
+        for key, value in state_dict.items():
+            if key.startswith(prefix):
+                group, mangled = key[len(prefix):].split(".", 1)
+                wanted.setdefault(group, {})[original.get(mangled, mangled)] = torch.empty_like(value)
+        return [(group, TensorGroup(tensors)) for group, tensors in wanted.items()]
+
 
 def stack_copies(tensors: Mapping[str, Tensor], n: int) -> dict[str, Tensor]:
     """``n`` independent copies of each tensor stacked along a new leading client dimension."""
@@ -92,13 +107,33 @@ class ClientState(nn.Module):
     def allocate_from_state_dict(self, state_dict: Mapping[str, Tensor], prefix: str) -> None:
         """Create ``extra`` groups that a checkpoint holds but this instance lacks (loading a checkpoint
         outside the Trainer, where the callbacks that created them did not run)."""
-        head = f"{prefix}extra."
-        wanted: dict[str, dict[str, Tensor]] = {}
-        for key, value in state_dict.items():
-            if key.startswith(head):
-                group, mangled = key[len(head) :].split(".", 1)
-                wanted.setdefault(group, {})[mangled] = value
-        for group, tensors in wanted.items():
+        for group, tensors in TensorGroup.groups_in(state_dict, f"{prefix}extra.", dict(self.x.items())):
             if group not in self.extra:
-                names = {_mangle(k): k for k in self.x}
-                self.extra[group] = TensorGroup({names[m]: torch.empty_like(v) for m, v in tensors.items()})
+                self.extra[group] = tensors
+
+
+def select_rows(state_dict: Mapping[str, Tensor], prefix: str, ids: list[int], num_clients: int) -> dict[str, Tensor]:
+    """The entries of a state dict holding all n clients (``[n, ...]`` under ``prefix``, as checkpoints do) cut to
+    the rows ``ids`` of one process's shard; the state dict itself when ``ids`` are all n clients in order."""
+    if ids == list(range(num_clients)):
+        return dict(state_dict)
+    rows = torch.tensor(ids, dtype=torch.long)
+    return {key: (value[rows] if key.startswith(prefix) and value.dim() > 0 and value.shape[0] == num_clients
+                  else value) for key, value in state_dict.items()}
+
+
+@runtime_checkable
+class ShardedClients(Protocol):
+    """What a strategy that spreads the clients over processes (``federated_ddp``) uses of a module: the global
+    model, the stacked client state of its rows, their global ids, and re-allocation from a full state dict (and
+    ``num_clients``, n, once ``clients`` is allocated; not part of the ``isinstance`` check, which must not
+    allocate)."""
+
+    global_model: nn.Module
+    clients: ClientState | None
+    client_ids: Tensor
+
+    def allocate_clients(self, n: int, state_dict: Mapping[str, Tensor] | None = None) -> ClientState: ...
+
+
+__all__ = ["ClientState", "ShardedClients", "TensorGroup", "select_rows", "stack_copies"]

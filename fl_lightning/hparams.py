@@ -8,6 +8,7 @@ dict the CLI itself writes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
@@ -61,3 +62,29 @@ def given_init_config() -> Mapping[str, Any] | None:
         return None
     given = _given_hyperparameters.get()
     return given if isinstance(given, Mapping) else None
+
+
+def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> None:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or not (value >= 0 if allow_zero else value > 0)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def check_module_args(*, lr: object, momentum: object, weight_decay: object, vectorize: object,
+                      clients_per_chunk: int | None, eval_every: int | None, encoding: object) -> None:
+    """Validate ``FederatedLightningModule``'s scalar arguments, saying what to change."""
+    from fl_lightning.comm import ENCODINGS
+
+    _check_positive("lr", lr)
+    _check_positive("weight_decay", weight_decay, allow_zero=True)
+    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+    if vectorize not in (True, False, "auto"):
+        raise ValueError(f"vectorize must be true, false or 'auto', got {vectorize!r}")
+    if clients_per_chunk is not None and clients_per_chunk < 1:
+        raise ValueError(f"clients_per_chunk must be >= 1 (or null for all), got {clients_per_chunk!r}")
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1 rounds (or null), got {eval_every!r}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")

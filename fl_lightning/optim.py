@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
@@ -166,3 +166,22 @@ def build_lr_scheduler(spec: OptimizerSpec | None, optimizer: torch.optim.Optimi
         raise ValueError("ReduceLROnPlateau needs a monitored metric at every step; use a step-based scheduler "
                          "(StepLR, CosineAnnealingLR, ...), which is stepped after every local step")
     return cls(optimizer, **init_args)
+
+
+def configure_local_optimizer(params: Iterable[nn.Parameter], spec: OptimizerSpec | None,
+                              client_spec: OptimizerSpec | None, scheduler_spec: OptimizerSpec | None, *, lr: float,
+                              momentum: float = 0.0, weight_decay: float = 0.0) -> Any:
+    """What ``FederatedLightningModule.configure_optimizers`` returns: the local optimizer ``spec`` if given, else
+    the client model's own (``client_spec``, :func:`client_optimizer_spec`), else SGD; with ``scheduler_spec``,
+    Lightning's ``{"optimizer", "lr_scheduler"}`` dict (stepped every local step)."""
+    chosen, from_client = spec, False
+    if chosen is None and client_spec is not None:
+        chosen, from_client = client_spec, True
+    elif chosen is not None and client_spec is not None:
+        rank_zero_info(f"the client model's configure_optimizers is replaced by the optimizer {chosen!r}")
+    optimizer = build_local_optimizer(chosen, params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      chosen_by_client=from_client)
+    scheduler = build_lr_scheduler(scheduler_spec, optimizer)
+    if scheduler is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

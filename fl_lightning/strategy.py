@@ -11,20 +11,22 @@ What differs from :class:`~lightning.pytorch.strategies.DDPStrategy`:
   across processes; the module is used as it is;
 - every process owns a contiguous block of clients (:meth:`client_shard`), the module allocates only those
   rows of the stacked client state, and the communication round sums the weighted uplinks of every block
-  with one all-reduce per tensor (:meth:`reduce`, via ``FederatedLightningModule._reduce``);
+  with one all-reduce per tensor (:meth:`reduce`, via ``FederatedLightningModule.reduce``);
 - checkpoints hold all n clients: :meth:`lightning_module_state_dict` and :meth:`optimizer_state` gather the
-  blocks, and loading slices them again (``FederatedLightningModule._select_shard``,
+  blocks, and loading slices them again (:func:`fl_lightning.clients.select_rows`,
   :meth:`load_optimizer_state_dict`), so a checkpoint resumes on any number of processes, one included;
 - at start-up, the global model is broadcast from rank 0 (as DDP does), and the processes check that they
   agree on everything the shared random streams and the sequence of collectives depend on (seeds of the
   schedule, the cohort and the data, the schedule's state, the number of clients and their weights, the
   model's shapes, the federated callbacks, the length of the run) — a disagreement would otherwise surface
   as a deadlock or as silently different models;
-- only a :class:`~fl_lightning.FederatedLightningModule` is accepted (any other module would train one
+- only a module with sharded clients (:class:`~fl_lightning.clients.ShardedClients`, which
+  :class:`~fl_lightning.FederatedLightningModule` is) is accepted (any other module would train one
   unsynchronised replica per process).
 
 Importing this module registers the strategy in Lightning's ``StrategyRegistry`` as ``"federated_ddp"``
-(``fl_lightning.module`` imports it, so any use of the framework does).
+(``fl_lightning.module`` imports it, so any use of the framework does). It uses the module through the public
+:class:`~fl_lightning.clients.ShardedClients` interface only, and does not import ``fl_lightning.module``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from fl_lightning.callbacks.base import FederatedCallback
+from fl_lightning.clients import ShardedClients
 
 STRATEGY_NAME = "federated_ddp"
 _CLIENTS = "clients."  # prefix of the stacked client state in the module's state_dict
@@ -89,11 +92,10 @@ def client_shard(num_clients: int, rank: int, world_size: int) -> list[int]:
 
 
 def _require_federated_module(module: LightningModule) -> None:
-    """``federated_ddp`` trains a :class:`~fl_lightning.FederatedLightningModule` only: any other module would
-    train one independent replica per process (there is no DDP wrapper to average its gradients)."""
-    from fl_lightning.module import FederatedLightningModule  # fl_lightning.module imports this module
-
-    if not isinstance(module, FederatedLightningModule):
+    """``federated_ddp`` trains a :class:`~fl_lightning.FederatedLightningModule` (a
+    :class:`~fl_lightning.clients.ShardedClients`) only: any other module would train one independent replica
+    per process (there is no DDP wrapper to average its gradients)."""
+    if not isinstance(module, ShardedClients):
         raise TypeError(
             f"strategy='federated_ddp' shards the clients of a FederatedLightningModule, got a "
             f"{type(module).__name__}: wrap the model as FederatedLightningModule(client_model, ...), or use "
@@ -172,7 +174,7 @@ class FederatedDDPStrategy(DDPStrategy):
         if isinstance(global_model, nn.Module):
             self._broadcast_module(global_model)
         clients = getattr(module, "clients", None)
-        if clients is None or not hasattr(module, "_init_clients"):
+        if clients is None or not isinstance(module, ShardedClients):
             return
         n = module.num_clients
         if module.client_ids.tolist() == self.client_shard(n):
@@ -183,12 +185,7 @@ class FederatedDDPStrategy(DDPStrategy):
                 "processes; load the full state from a checkpoint instead"
             )
         self._broadcast_module(clients)  # all n clients, same shapes on every rank
-        state = {_CLIENTS + k: v for k, v in clients.state_dict().items()}
-        module.clients = None
-        module._init_clients(n)
-        module.clients.allocate_from_state_dict(state, _CLIENTS)
-        module._select_shard(state)
-        module.clients.load_state_dict({k[len(_CLIENTS):]: v for k, v in state.items()})
+        module.allocate_clients(n, state_dict={_CLIENTS + k: v for k, v in clients.state_dict().items()})
 
     def _broadcast_module(self, module: nn.Module) -> None:
         """Rank 0's parameters and buffers, in place on every rank. The module has not been moved to its device
@@ -286,7 +283,7 @@ class FederatedDDPStrategy(DDPStrategy):
         ``"product"``, ``"mean"``/``"avg"`` or ``ReduceOp.AVG`` (a sum divided by the world size on every backend:
         older gloo builds have no AVG; integer tensors are divided with truncation, as Lightning does), or
         another ``ReduceOp``.
-        ``None`` sums. This is the reduction of the round (``FederatedLightningModule._reduce``: Σ over the
+        ``None`` sums. This is the reduction of the round (``FederatedLightningModule.reduce``: Σ over the
         ranks of the weighted uplink sums Σ_{i on the rank} w_i u_i, the bit counters and the loss) and of
         Lightning's own decisions (``reduce_boolean_decision``).
 

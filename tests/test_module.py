@@ -59,7 +59,7 @@ def test_users_lightning_module_with_self_log_trains_unchanged(vectorize: bool) 
     trainer = make_trainer(60, fedavg(local_steps=5), log_every_n_steps=1)
     trainer.fit(module, datamodule=dm)
     after = float(module.evaluate_global(dm)["val/loss"])
-    assert module._vectorized is vectorize
+    assert module.vectorized is vectorize
     assert after < 0.5 * before
     metrics = trainer.callback_metrics
     assert "train/user_loss" in metrics and "train/batch_acc" in metrics
@@ -84,7 +84,7 @@ def test_batchnorm_model_falls_back_to_the_sequential_loop_and_trains() -> None:
     module = FederatedLightningModule(model, lr=0.1, loss="cross_entropy")
     with pytest.warns(UserWarning, match="sequential"):
         make_trainer(10, fedavg(local_steps=5)).fit(module, datamodule=_separable())
-    assert module._vectorized is False
+    assert module.vectorized is False
     stats = module.clients.model_buffers["1.running_mean"]
     assert stats.abs().sum() > 0  # BatchNorm statistics were updated, per client, then averaged
     torch.testing.assert_close(module.global_model[1].running_mean, stats[0])
@@ -153,7 +153,7 @@ def test_client_sampling_trains_only_the_cohort_each_round() -> None:
 
     class Spy(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-            seen.append(list(pl_module._active_list))
+            seen.append(list(pl_module.cohort.members))
 
     make_trainer(12, [*fedavg(local_steps=3, cohort_size=2, seed=0), Spy()]).fit(module, datamodule=_separable())
     rounds = [seen[i] for i in range(0, 12, 3)]

@@ -125,7 +125,7 @@ def _train_mlp(vectorize, clients_per_chunk=None, steps: int = 25) -> FederatedL
 def test_vectorised_and_sequential_paths_agree() -> None:
     vec = _train_mlp(True)
     seq = _train_mlp(False)
-    assert vec._vectorized is True and seq._vectorized is False
+    assert vec.vectorized is True and seq.vectorized is False
     assert vec.round_index == seq.round_index > 0
     for (k, a), (_, b) in zip(vec.clients.x.items(), seq.clients.x.items()):
         # float32 with different reduction orders (batched vs per-client matmuls): 1e-5 is ~100 ulps

@@ -20,7 +20,7 @@ def test_resnet18_trains_a_few_steps(norm: str, vectorized: bool) -> None:
     module = FederatedLightningModule(ResNet18(num_classes=10, norm=norm), lr=0.05, loss="cross_entropy")
     before = {k: v.detach().clone() for k, v in module.global_model.named_parameters()}
     make_trainer(4, proxskip(p=0.5, mode="fixed")).fit(module, datamodule=dm)
-    assert module._vectorized is vectorized
+    assert module.vectorized is vectorized
     assert module.round_index == 2
     after = dict(module.global_model.named_parameters())
     assert all(torch.isfinite(v).all() for v in after.values())
