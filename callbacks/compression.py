@@ -136,8 +136,8 @@ class Compression(FederatedCallback):
         if self.method == "topk":
             rnd.uplink = self._topk(rnd.uplink, stacked=True)
             return
-        ids = rnd.cohort.ids if rnd.cohort is not None else module.client_ids[rnd.clients if rnd.clients is not None
-                                                                               else slice(None)]  # a Round built by hand
+        rows = rnd.clients if rnd.clients is not None else slice(None)
+        ids = rnd.cohort.ids if rnd.cohort is not None else module.client_ids[rows]  # (a Round built by hand)
         seed = self._round_seed(rnd)
         noise = self._client_noise(rnd.uplink, [step_seed(seed, int(i)) for i in ids.tolist()])
         rnd.uplink = {k: quantize(v, bits=self.bits, noise=noise[k], stacked=True) for k, v in rnd.uplink.items()}

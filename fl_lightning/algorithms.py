@@ -20,7 +20,19 @@ from typing import Any, ClassVar, Literal
 
 from lightning.pytorch import Callback
 
-from fl_lightning.callbacks import ClientSampling, Compression, ControlVariates, L1Prox, SkipSchedule, TopKPruning
+from fl_lightning.callbacks import (
+    ClientSampling,
+    Compression,
+    ControlVariates,
+    L1Prox,
+    LocalWork,
+    NormalizedAveraging,
+    ProximalTerm,
+    Scaffold,
+    ServerOptimizer,
+    SkipSchedule,
+    TopKPruning,
+)
 from fl_lightning.callbacks.compression import Method
 from fl_lightning.callbacks.control_variates import Reference
 from fl_lightning.callbacks.pruning import ParamSelection
@@ -318,6 +330,122 @@ class FedComLoc(_Sparse):
         return [self._schedule(), ControlVariates(reference=reference), compressor]
 
 
+@dataclass(frozen=True)
+class _Rounds(Algorithm):
+    """Shared hyper-parameters of the FedAvg-style baselines: ``local_steps`` per round (a fixed schedule), an
+    optional random ``cohort_size`` per round, ``seed`` of both."""
+
+    local_steps: int = 5
+    cohort_size: int | None = None
+    seed: int | None = None
+
+    def _rounds(self) -> list[Callback]:
+        cbs: list[Callback] = [SkipSchedule(k=self.local_steps, mode="fixed", seed=self.seed)]
+        if self.cohort_size is not None:
+            cbs.append(ClientSampling(self.cohort_size, seed=self.seed))
+        return cbs
+
+
+@register_algorithm("fedprox")
+@dataclass(frozen=True)
+class FedProx(_Rounds):
+    """FedProx (Li et al., MLSys 2020, eq. (2)): local steps on f_i(x) + (μ/2)‖x − x^t‖², x^t the round's global
+    model, then x ← Σ_i w_i x̂_i. μ = 0 is FedAvg bit for bit; larger μ keeps clients nearer x^t.
+    Callbacks: SkipSchedule(k, fixed) (+ ClientSampling), ProximalTerm(mu).
+    """
+
+    mu: float = 0.01
+
+    def callbacks(self) -> list[Callback]:
+        return [*self._rounds(), ProximalTerm(self.mu)]
+
+
+@register_algorithm("scaffold")
+@dataclass(frozen=True)
+class SCAFFOLD(_Rounds):
+    """SCAFFOLD (Karimireddy et al., ICML 2020, Algorithm 1, option II): local steps g_i − c_i + c;
+    c_i⁺ = c_i − c + (x − y_i)/(K_i η_l); x ← x + η_g Σ w_i (y_i − x); c ← c + Σ (w_i/Σ_j w_j)(c_i⁺ − c_i).
+    The uplink counts y_i and Δc_i, the downlink x and c. Callbacks: SkipSchedule(k, fixed) (+ ClientSampling),
+    Scaffold(server_lr).
+    """
+
+    server_lr: float = 1.0
+
+    def callbacks(self) -> list[Callback]:
+        return [*self._rounds(), Scaffold(self.server_lr)]
+
+
+@dataclass(frozen=True)
+class _FedOpt(_Rounds):
+    """Server optimizers on the pseudo-gradient Δ = Σ_i w_i x̂_i − x (Reddi et al., ICLR 2021, Algorithm 2)."""
+
+    server_lr: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    rule: ClassVar[str] = "adam"
+
+    def callbacks(self) -> list[Callback]:
+        return [*self._rounds(), ServerOptimizer(self.rule, self.server_lr, beta1=self.beta1, beta2=self.beta2,
+                                                 tau=self.tau)]
+
+
+@register_algorithm("fedadam")
+@dataclass(frozen=True)
+class FedAdam(_FedOpt):
+    """FedAdam: m ← β₁m + (1−β₁)Δ, v ← β₂v + (1−β₂)Δ², x ← x + η m/(√v + τ); m₀ = 0, v₀ = τ², no bias correction.
+    Callbacks: SkipSchedule(k, fixed) (+ ClientSampling), ServerOptimizer("adam")."""
+
+    rule: ClassVar[str] = "adam"
+
+
+@register_algorithm("fedyogi")
+@dataclass(frozen=True)
+class FedYogi(_FedOpt):
+    """FedYogi: as FedAdam with v ← v − (1−β₂)Δ² sign(v − Δ²). Callbacks: ..., ServerOptimizer("yogi")."""
+
+    rule: ClassVar[str] = "yogi"
+
+
+@register_algorithm("fedadagrad")
+@dataclass(frozen=True)
+class FedAdagrad(_FedOpt):
+    """FedAdagrad: as FedAdam with v ← v + Δ². Callbacks: ..., ServerOptimizer("adagrad")."""
+
+    rule: ClassVar[str] = "adagrad"
+
+
+@register_algorithm("fedavgm")
+@dataclass(frozen=True)
+class FedAvgM(_Rounds):
+    """FedAvgM (Hsu et al. 2019): server momentum v ← βv + Δ, x ← x + η v with Δ = Σ_i w_i x̂_i − x.
+    Callbacks: SkipSchedule(k, fixed) (+ ClientSampling), ServerOptimizer("avgm")."""
+
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+
+    def callbacks(self) -> list[Callback]:
+        return [*self._rounds(), ServerOptimizer("avgm", self.server_lr, momentum=self.server_momentum)]
+
+
+@register_algorithm("fednova")
+@dataclass(frozen=True)
+class FedNova(_Rounds):
+    """FedNova (Wang et al., NeurIPS 2020): x⁺ = x − τ_eff Σ_i w_i (x − y_i)/τ_i, τ_eff = Σ_i w_i τ_i, for
+    unequal local work: τ_i drawn uniformly in [``min_local_steps``, ``local_steps``] every round (or every client
+    takes ``local_steps`` when ``min_local_steps`` is None). Plain local SGD (momentum 0).
+    Callbacks: SkipSchedule(k, fixed) (+ ClientSampling) (+ LocalWork(low, high)), NormalizedAveraging().
+    """
+
+    min_local_steps: int | None = None
+
+    def callbacks(self) -> list[Callback]:
+        cbs = self._rounds()
+        if self.min_local_steps is not None:
+            cbs.append(LocalWork(low=self.min_local_steps, high=self.local_steps, seed=self.seed))
+        return [*cbs, NormalizedAveraging()]
+
+
 fedavg = _preset_function(FedAvg)
 proxskip = _preset_function(ProxSkip)
 sparse_proxskip = _preset_function(SparseProxSkip)
@@ -326,10 +454,49 @@ server_pruning = _preset_function(ServerPruning)
 server_pruning_modified = _preset_function(ServerPruningModified)
 randprox_l1 = _preset_function(RandProxL1)
 fedcomloc = _preset_function(FedComLoc)
+fedprox = _preset_function(FedProx)
+scaffold = _preset_function(SCAFFOLD)
+fedadam = _preset_function(FedAdam)
+fedyogi = _preset_function(FedYogi)
+fedadagrad = _preset_function(FedAdagrad)
+fedavgm = _preset_function(FedAvgM)
+fednova = _preset_function(FedNova)
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "FedAvg", "FedComLoc", "ProxSkip", "RandProxL1", "ServerPruning",
-    "ServerPruningModified", "SparseProxSkip", "SparseProxSkipLocal", "class_path_of", "fedavg", "fedcomloc",
-    "get_algorithm", "proxskip", "randprox_l1", "register_algorithm", "resolve_algorithm", "server_pruning",
-    "server_pruning_modified", "sparse_proxskip", "sparse_proxskip_local",
+    "ALGORITHMS",
+    "SCAFFOLD",
+    "Algorithm",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedComLoc",
+    "FedNova",
+    "FedProx",
+    "FedYogi",
+    "ProxSkip",
+    "RandProxL1",
+    "ServerPruning",
+    "ServerPruningModified",
+    "SparseProxSkip",
+    "SparseProxSkipLocal",
+    "class_path_of",
+    "fedadagrad",
+    "fedadam",
+    "fedavg",
+    "fedavgm",
+    "fedcomloc",
+    "fednova",
+    "fedprox",
+    "fedyogi",
+    "get_algorithm",
+    "proxskip",
+    "randprox_l1",
+    "register_algorithm",
+    "resolve_algorithm",
+    "scaffold",
+    "server_pruning",
+    "server_pruning_modified",
+    "sparse_proxskip",
+    "sparse_proxskip_local",
 ]
