@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from typing_extensions import override
 
+from fl_lightning import metric_keys as keys
 from fl_lightning.progress import format_bits
 
 
@@ -43,19 +44,29 @@ def federated_metrics(pl_module: Any) -> dict[str, int | str]:
     if comm is None or not hasattr(pl_module, "round_index"):
         return {}
     out: dict[str, int | str] = {"round": int(pl_module.round_index)}
-    density = getattr(pl_module, "round_metrics", {}).get("sparsity/density")
+    density = getattr(pl_module, "round_metrics", {}).get(keys.DENSITY)
     if density is not None:
         out["density"] = f"{float(density):.3f}"
     out["up"] = format_bits(float(comm.bits_up))
     return out
 
 
-def use_federated_progress_bar(trainer: Trainer) -> Trainer:
-    """Replace Lightning's default :class:`TQDMProgressBar` of ``trainer`` (exactly that class, not a subclass
-    or a RichProgressBar a user chose) by a :class:`FederatedProgressBar` with the same settings; call it
-    before ``fit``. A Trainer without a progress bar (``enable_progress_bar=False``) is left as it is."""
+def use_federated_progress_bar(trainer: Trainer, replace_rich: bool = False) -> Trainer:
+    """Replace Lightning's default progress bar of ``trainer`` by a :class:`FederatedProgressBar` with the same
+    refresh rate; call it before ``fit``. The default is a :class:`TQDMProgressBar` (exactly that class, not a
+    subclass), or a :class:`RichProgressBar` when ``rich`` is installed, which a user may also have chosen: it is
+    replaced only with ``replace_rich`` (the CLI passes it when the config names no progress bar). A Trainer
+    without a progress bar (``enable_progress_bar=False``) is left as it is."""
     for i, cb in enumerate(trainer.callbacks):
         if type(cb) is TQDMProgressBar:
             trainer.callbacks[i] = FederatedProgressBar(
                 refresh_rate=cb.refresh_rate, process_position=cb.process_position, leave=cb._leave)
+        elif type(cb) is RichProgressBar and replace_rich:
+            trainer.callbacks[i] = FederatedProgressBar(refresh_rate=cb.refresh_rate)
     return trainer
+
+
+def names_a_progress_bar(callbacks: object) -> bool:
+    """Whether a Trainer's ``callbacks`` argument (a callback, a list, or None) holds a progress bar."""
+    items = callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]
+    return any(isinstance(cb, ProgressBar) for cb in items)

@@ -32,7 +32,7 @@ from fl_lightning.callbacks.checkpointing import LastOnInterrupt, find_last_chec
 from fl_lightning.callbacks.divergence import DivergenceError
 from fl_lightning.callbacks.interrupt import GracefulInterrupt
 from fl_lightning.callbacks.metrics import LayerDensity, WandbFederatedMetrics
-from fl_lightning.callbacks.progress import use_federated_progress_bar
+from fl_lightning.callbacks.progress import names_a_progress_bar, use_federated_progress_bar
 from fl_lightning.callbacks.summary import RunSummary
 from fl_lightning.data.datamodule import FederatedDataModule
 from fl_lightning.module import FederatedLightningModule
@@ -127,10 +127,12 @@ class FederatedCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
         if config.get("enable_checkpointing") is False:  # the user turned checkpoints off: drop ours
             callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+        self._chosen_progress_bar = names_a_progress_bar(config.get("callbacks")) or names_a_progress_bar(callbacks)
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        return use_federated_progress_bar(super().instantiate_trainer(**kwargs))
+        trainer = super().instantiate_trainer(**kwargs)  # Lightning's default bar is Rich when rich is installed
+        return use_federated_progress_bar(trainer, replace_rich=not getattr(self, "_chosen_progress_bar", False))
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """``--ckpt_path last``: the newest ``last.ckpt`` of this config's runs (Lightning's own lookup only

@@ -11,13 +11,13 @@ from torch import nn
 
 from fl_lightning import FederatedDataModule, FederatedLightningModule
 from fl_lightning.algorithms import (
+    SCAFFOLD,
     FedAdagrad,
     FedAdam,
     FedAvgM,
     FedNova,
     FedProx,
     FedYogi,
-    SCAFFOLD,
     fedavg,
     fednova,
     fedprox,

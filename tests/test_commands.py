@@ -3,7 +3,9 @@
 ``train.py`` lines run through ``fl_lightning.cli.main`` (the function ``train.py`` calls) in this process, with
 the line's own arguments followed by a budget (2 steps, no validation); ``python -m fl_lightning.grid`` lines
 run with ``--dry-run`` (the grid's runs themselves are checked in test_grid.py); the README's ``plot`` line runs
-on a tiny finished run. Datasets this machine does not have (Fashion-MNIST, FEMNIST, CIFAR-10, BlogFeedback:
+on a tiny finished run; ``python -m fl_lightning.dashboard`` lines run with ``--dry-run`` (no W&B server here: the
+spec they would save is built and validated by wandb-workspaces, see test_dashboard.py). Datasets this machine
+does not have (Fashion-MNIST, FEMNIST, CIFAR-10, BlogFeedback, the Hugging Face Hub:
 their loaders are tested on files in their real formats in tests/data) are replaced by random splits of their
 shapes, so the rest of the command — config files, model, partition, preset — is exercised as written.
 """
@@ -30,7 +32,7 @@ HEAVY = {"cifar10": ["--data.num_clients", "2", "--data.batch_size", "2", "--tra
 #: name -> (input shape, number of classes or None for regression, natural groups)
 SHAPES = {"fashion_mnist": ((1, 28, 28), 10, False), "mnist": ((1, 28, 28), 10, False),
           "femnist": ((1, 28, 28), 62, True), "cifar10": ((3, 32, 32), 10, False),
-          "blogfeedback": ((280,), None, False)}
+          "blogfeedback": ((280,), None, False), "hf": ((784,), 10, False)}  # hf: configs/hf/mnist.yaml's Hub MNIST
 
 
 def _commands() -> list[tuple[str, str]]:
@@ -38,14 +40,14 @@ def _commands() -> list[tuple[str, str]]:
     readme = (ROOT / "README.md").read_text()
     for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
         for line in block.splitlines():
-            line = line.split("  #")[0].strip()
+            line = line.split(" #")[0].strip()
             if line.startswith(("python train.py", "python -m fl_lightning")):
                 found.append(("README.md", line))
     for path in sorted((ROOT / "configs").rglob("*.yaml")):
         for line in path.read_text().splitlines():
             if not line.startswith("#"):
                 break
-            command = line.lstrip("# ").split("  #")[0].strip()
+            command = line.lstrip("# ").split(" #")[0].strip()
             if command.startswith(("python train.py", "python -m fl_lightning")):
                 found.append((str(path.relative_to(ROOT)), command))
     return found
@@ -106,5 +108,14 @@ def test_every_shown_command_runs_with_a_tiny_budget(source: str, command: str, 
         out = tmp_path / "curves.png"
         plot_main([*[str(p) for p in sorted((run / "tiny").glob("version_*"))], "--out", str(out)])
         assert out.stat().st_size > 0
+    elif args[:3] == ["python", "-m", "fl_lightning.dashboard"]:
+        from fl_lightning.dashboard import main as dashboard_main
+
+        shown = [a.strip("[]") for a in args[3:]]  # optional parts, [--report], taken as given
+        out = tmp_path / "spec.json"
+        shown = [str(out) if a == "spec.json" else a for a in shown]
+        dry = [] if "--dry-run" in shown else ["--dry-run", "--out", str(out)]
+        assert dashboard_main([*shown, *dry]) == 0
+        assert "panels" in out.read_text() or "sections" in out.read_text()
     else:  # pragma: no cover - a new kind of command: teach this test to run it
         pytest.fail(f"{source}: do not know how to run {command!r}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from torch import nn
 
 from fl_lightning import FederatedDataModule, FederatedLightningModule
@@ -42,8 +42,8 @@ def test_format_bits_uses_decimal_prefixes(bits: float, text: str) -> None:
 def test_bar_leads_with_round_density_and_uplink_bits(capsys: pytest.CaptureFixture[str]) -> None:
     module, trainer = _fit(12, enable_progress_bar=True, log_every_n_steps=1)
     bar = trainer.progress_bar_callback
-    assert type(bar) is TQDMProgressBar  # make_trainer's default bar ...
-    bar = use_federated_progress_bar(trainer).progress_bar_callback
+    assert type(bar) in (TQDMProgressBar, RichProgressBar)  # Lightning's default bar (Rich when rich is installed)
+    bar = use_federated_progress_bar(trainer, replace_rich=True).progress_bar_callback
     assert isinstance(bar, FederatedProgressBar)  # ... swapped for ours
     items = bar.get_metrics(trainer, module)
     assert list(items)[:3] == ["round", "density", "up"]
@@ -121,3 +121,12 @@ def test_data_preparation_shows_download_and_slow_partitioning_progress(
     err = capsys.readouterr().err
     assert "partitioning into 5 clients (iid) ..." in err and "partitioning into 5 clients (iid): done in" in err
     assert "loading digits" not in err  # fast steps stay silent
+
+
+def test_a_rich_bar_is_replaced_only_when_it_is_lightnings_default(tmp_path: Path) -> None:
+    chosen = make_trainer(1, [RichProgressBar()], enable_progress_bar=True)
+    assert type(use_federated_progress_bar(chosen).progress_bar_callback) is RichProgressBar
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    cli = FederatedCLI(args=["--config", config, "--trainer.default_root_dir", str(tmp_path),
+                             "--trainer.callbacks+=RichProgressBar"], run=False)
+    assert type(cli.trainer.progress_bar_callback) is RichProgressBar  # the config chose it: kept
