@@ -22,6 +22,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from fl_lightning import metric_keys as keys
 from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.callbacks.sampling import ClientSampling
 from fl_lightning.round import Round
@@ -103,7 +104,7 @@ class ControlVariates(FederatedCallback):
 
     @override
     def on_round_end(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
-        module.round_metrics["cv/sum_norm"] = self.weighted_sum_norm(module)
+        module.round_metrics[keys.CV_SUM_NORM] = self.weighted_sum_norm(module)
 
     def weighted_sum_norm(self, module: FederatedLightningModule) -> torch.Tensor:
         """‖Σ_i w_i h_i‖ over all clients (zero with the ``mean`` reference)."""

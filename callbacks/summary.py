@@ -16,9 +16,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from fl_lightning import metric_keys as keys
 from fl_lightning.progress import format_bits
 
-_SHOWN = ("val/acc", "val/loss")
+_SHOWN = (keys.VAL_ACC, keys.VAL_LOSS)
 
 
 class RunSummary(Callback):
@@ -68,7 +69,7 @@ class RunSummary(Callback):
             parts.append(", ".join(shown))
         parts.append(f"uplink {format_bits(metrics.get('comm/bits_up', 0.0))}, "
                      f"downlink {format_bits(metrics.get('comm/bits_down', 0.0))}")
-        if "sparsity/density" in metrics:
+        if keys.DENSITY in metrics:
             parts.append(f"global density {metrics['sparsity/density']:.3f}")
         return " | ".join(parts)
 

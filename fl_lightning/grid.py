@@ -42,10 +42,11 @@ from typing import Any
 
 import yaml
 
+from fl_lightning import metric_keys as keys
 from fl_lightning.algorithms import ALGORITHMS
 
 ROOT = Path(__file__).resolve().parents[1]
-FINAL_METRICS = ("val/acc", "val/loss", "comm/rounds", "comm/bits_up", "comm/bits_down", "sparsity/density")
+FINAL_METRICS = (keys.VAL_ACC, keys.VAL_LOSS, keys.ROUNDS, keys.BITS_UP, keys.BITS_DOWN, keys.DENSITY)
 
 
 def _options(preset: str) -> set[str]:
@@ -222,11 +223,11 @@ def _bytes(bits: float) -> str:
 
 def _delta_vs(results: Sequence[dict[str, Any]], baseline: str) -> list[float | None]:
     """Accuracy minus the ``baseline`` preset's at the same p and seed, in points (None where either is missing)."""
-    reference = {(r["p"], r["seed"]): r.get("val/acc") for r in results if r["preset"] == baseline}
+    reference = {(r["p"], r["seed"]): r.get(keys.VAL_ACC) for r in results if r["preset"] == baseline}
     deltas: list[float | None] = []
     for r in results:
         ref = reference.get((r["p"], r["seed"]))
-        acc = r.get("val/acc")
+        acc = r.get(keys.VAL_ACC)
         deltas.append(None if r["preset"] == baseline or ref is None or acc is None else 100 * (acc - ref))
     return deltas
 
@@ -251,13 +252,13 @@ def write_tables(results: Sequence[dict[str, Any]], out: Path, baseline: str | N
             return f"`{value}`"
         if key.startswith("comm/bits"):
             return _bytes(value)
-        if key == "comm/rounds":
+        if key == keys.ROUNDS:
             return f"{value:.0f}"
-        if key in ("val/acc", "sparsity/density"):
+        if key in (keys.VAL_ACC, keys.DENSITY):
             return f"{value:.3f}"
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    header = ["preset", "δ", "p", "seed", "val/acc", "val/loss", "rounds", "uplink", "downlink", "global density"]
+    header = ["preset", "δ", "p", "seed", keys.VAL_ACC, keys.VAL_LOSS, "rounds", "uplink", "downlink", "global density"]
     deltas = _delta_vs(results, baseline) if baseline is not None else None
     if deltas is not None:
         header.insert(5, f"Δ vs {baseline}")

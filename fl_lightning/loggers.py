@@ -243,7 +243,7 @@ def read_wandb_run(path: str | Path, wait: float = 0.0) -> OfflineRun:
     Example::
 
         run = read_wandb_run("logs/wandb/latest-run", wait=30)
-        run.series("val/acc"), run.config["model"]["lr"], run.metrics["val/acc"]["step_metric"]
+        run.series(keys.VAL_ACC), run.config["model"]["lr"], run.metrics[keys.VAL_ACC]["step_metric"]
     """
     deadline = time.monotonic() + wait
     while True:

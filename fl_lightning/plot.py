@@ -36,6 +36,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from fl_lightning import metric_keys as keys
 from fl_lightning.loggers import algorithm_from_config, run_label
 from fl_lightning.progress import format_bits
 
@@ -44,16 +45,16 @@ __all__ = ["Run", "find_runs", "load_run", "main", "plot_runs", "read_metrics", 
 Metrics = dict[str, np.ndarray]
 
 #: y-axis of panels 1 and 2, in order of preference.
-Y_METRICS: tuple[str, ...] = ("val/acc", "val/loss", "train/loss")
+Y_METRICS: tuple[str, ...] = (keys.VAL_ACC, keys.VAL_LOSS, keys.TRAIN_LOSS)
 #: Columns that are cumulative counters, carried forward into rows that lack them.
-COUNTERS: tuple[str, ...] = ("comm/rounds", "comm/bits_up", "comm/bits_down", "sparsity/density")
+COUNTERS: tuple[str, ...] = (keys.ROUNDS, keys.BITS_UP, keys.BITS_DOWN, keys.DENSITY)
 _LINESTYLES = ("-", "--", "-.", ":")
 _AXIS_LABELS = {
-    "val/acc": "validation accuracy", "val/loss": "validation loss", "train/loss": "training loss",
-    "comm/rounds": "communication rounds", "comm/bits_up": "uplink bits (all clients, cumulative)",
-    "sparsity/density": "density of the global model",
+    keys.VAL_ACC: "validation accuracy", keys.VAL_LOSS: "validation loss", keys.TRAIN_LOSS: "training loss",
+    keys.ROUNDS: "communication rounds", keys.BITS_UP: "uplink bits (all clients, cumulative)",
+    keys.DENSITY: "density of the global model",
 }
-_TITLES = {"val/acc": "accuracy", "val/loss": "validation loss", "train/loss": "training loss"}
+_TITLES = {keys.VAL_ACC: "accuracy", keys.VAL_LOSS: "validation loss", keys.TRAIN_LOSS: "training loss"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -202,12 +203,12 @@ def plot_runs(paths: Sequence[str | Path] | str | Path, out: str | Path | None =
     fig = Figure(figsize=(15, 4.2), layout="constrained")
     FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend (notebooks keep theirs)
     axes = fig.subplots(1, 3)
-    panels = [(axes[0], "comm/rounds", y), (axes[1], "comm/bits_up", y), (axes[2], "comm/rounds", "sparsity/density")]
+    panels = [(axes[0], keys.ROUNDS, y), (axes[1], keys.BITS_UP, y), (axes[2], keys.ROUNDS, keys.DENSITY)]
     colors = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         for ax, x, metric in panels:
             xs, ys = series(run.metrics, x, metric, drop_repeats=metric.startswith("val/"))
-            if x == "comm/bits_up" and bits_scale == "log":
+            if x == keys.BITS_UP and bits_scale == "log":
                 xs, ys = xs[xs > 0], ys[xs > 0]
             if len(xs):
                 ax.plot(xs, ys, label=run.label, color=colors[i % len(colors)],
@@ -224,7 +225,7 @@ def plot_runs(paths: Sequence[str | Path] | str | Path, out: str | Path | None =
         axes[1].set_xscale("log")
         axes[1].grid(alpha=0.15, which="minor")
     axes[1].xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bits(v)))
-    if y == "val/acc":
+    if y == keys.VAL_ACC:
         for ax in axes[:2]:
             ax.set_ylim(top=min(1.0, max(1e-9, ax.get_ylim()[1])))
     lo = axes[2].get_ylim()[0]
