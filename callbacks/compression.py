@@ -24,7 +24,7 @@ any number of processes draw the same numbers.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from fl_lightning.module import FederatedLightningModule
 
 Direction = Literal["uplink", "downlink", "forward"]
-DIRECTIONS: tuple[str, ...] = ("uplink", "downlink", "forward")
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
 Method = Literal["topk", "quantize"]
 
 

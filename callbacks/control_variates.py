@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from fl_lightning.module import FederatedLightningModule
 
 Reference = Literal["mean", "broadcast"]
-UplinkForm = Literal["shifted", "local"]
+UplinkForm = Literal["shifted", "local", "model"]  # "model": the readable name of "local" (the client's x̂_i)
 
 
 class ControlVariates(FederatedCallback):
@@ -39,8 +39,9 @@ class ControlVariates(FederatedCallback):
 
     Args:
         reference: r in the update of h_i: ``mean`` (x̄, zero-sum, the default) or ``broadcast`` (b, naive).
-        uplink: ``shifted`` sends u_i = x̂_i − (γ/p) h_i (DESIGN §1.2 as written); ``local`` sends x̂_i, the
-            same x̄ whenever Σ_i w_i h_i = 0, which needs ``reference="mean"`` and full participation.
+        uplink: ``shifted`` sends u_i = x̂_i − (γ/p) h_i (DESIGN §1.2 as written); ``local`` (also spelled
+            ``model``) sends x̂_i, the same x̄ whenever Σ_i w_i h_i = 0, which needs ``reference="mean"`` and full
+            participation.
         allow_partial_participation: control variates assume every client takes part in every round;
             with :class:`ClientSampling` this raises unless set (then only the cohort's h_i change).
     """
@@ -51,6 +52,7 @@ class ControlVariates(FederatedCallback):
                  allow_partial_participation: bool = False) -> None:
         if reference not in ("mean", "broadcast"):
             raise ValueError(f"ControlVariates reference must be 'mean' or 'broadcast', got {reference!r}")
+        uplink = "local" if uplink == "model" else uplink
         if uplink not in ("shifted", "local"):
             raise ValueError(f"ControlVariates uplink must be 'shifted' or 'local', got {uplink!r}")
         if uplink == "local" and reference != "mean":

@@ -4,8 +4,9 @@ Locations (``at``), in the order they act within a round:
 
 - ``forward``:  w_i = TopK(x_i) in the forward pass and the gradient, with a straight-through estimator
                 (STE, §1.4): the gradient of w_i is applied to the dense x_i, so pruned weights can grow back.
-- ``local``:    x̂_i ← TopK(x̂_i) after every local step ("step 7").
-- ``round``:    x̂_i ← TopK(x̂_i) once, at the end of the round, before the uplink (Sparse-ProxSkip-Local).
+- ``local``:    x̂_i ← TopK(x̂_i) after every local step ("step 7"); also spelled ``after_step``.
+- ``round``:    x̂_i ← TopK(x̂_i) once, at the end of the round, before the uplink (Sparse-ProxSkip-Local); also
+                spelled ``before_uplink``.
 - ``server``:   x⁺ = TopK(x̄) at the server.
 - ``received``: x_i ← TopK(b) on the received broadcast ("step 9").
 
@@ -26,7 +27,7 @@ With ``forward`` (STE) the update is dense by design and neither is masked: prun
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -50,17 +51,23 @@ if TYPE_CHECKING:
     from fl_lightning.module import FederatedLightningModule
 
 Location = Literal["forward", "local", "round", "server", "received"]
-LOCATIONS: tuple[str, ...] = ("forward", "local", "round", "server", "received")
+LOCATIONS: tuple[str, ...] = get_args(Location)
 ParamSelection = Literal["weights", "all"]
 
 
+#: Readable names of two locations, accepted everywhere ``at`` is (the v0.1 names stay the stored ones, so checkpoints
+#: and callback state keys do not change): TopK after every local step, and once before the uplink.
+ALIASES: dict[str, str] = {"after_step": "local", "before_uplink": "round"}
+
+
 def _locations(at: str | Sequence[str]) -> tuple[str, ...]:
-    locations = (at,) if isinstance(at, str) else tuple(at)
+    locations = tuple(ALIASES.get(a, a) for a in ((at,) if isinstance(at, str) else tuple(at)))
     if not locations:
         raise ValueError(f"TopKPruning at must name at least one of {LOCATIONS}")
     unknown = [a for a in locations if a not in LOCATIONS]
     if unknown:
-        raise ValueError(f"TopKPruning at: unknown location(s) {unknown}; choose from {LOCATIONS}")
+        raise ValueError(f"TopKPruning at: unknown location(s) {unknown}; choose from {LOCATIONS} "
+                         f"(or {', '.join(ALIASES)})")
     if "forward" in locations and "local" in locations:
         raise ValueError(
             "TopKPruning at: 'forward' (STE, dense x_i) conflicts with 'local' (x_i pruned after every step); "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
@@ -13,7 +13,7 @@ from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.seeding import derive_seed
 
 ScheduleMode = Literal["bernoulli", "fixed", "geometric"]
-MODES: tuple[str, ...] = ("bernoulli", "fixed", "geometric")
+MODES: tuple[str, ...] = get_args(ScheduleMode)
 
 
 class SkipSchedule(FederatedCallback):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fl_lightning.ops import nonzeros
 
 Encoding = Literal["auto", "dense", "coo", "bitmask"]
-ENCODINGS: tuple[str, ...] = ("auto", "dense", "coo", "bitmask")
+ENCODINGS: tuple[str, ...] = get_args(Encoding)
 
 
 def encoded_bits(nnz: Tensor, d: int, encoding: Encoding = "auto") -> Tensor:

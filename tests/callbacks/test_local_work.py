@@ -130,3 +130,13 @@ def test_one_budget_per_client_is_checked_at_setup() -> None:
     problem = least_squares(n=3, d=4, m=8)
     with pytest.raises(ValueError, match="2 budgets for 3 clients"):
         _fit(problem, [SkipSchedule(k=2, mode="fixed"), LocalWork(steps=[1, 2])], 2)
+
+
+def test_readable_spellings_of_pruning_locations_and_the_uplink_form() -> None:
+    from fl_lightning.callbacks import ControlVariates, TopKPruning
+
+    assert TopKPruning(0.1, at=["after_step", "received"]).at == TopKPruning(0.1, at=["local", "received"]).at
+    assert TopKPruning(0.1, at="before_uplink").at == ("round",)
+    assert ControlVariates(uplink="model").uplink == "local"
+    with pytest.raises(ValueError, match="after_step, before_uplink"):
+        TopKPruning(0.1, at="later")
