@@ -17,6 +17,9 @@ communication round (when the schedule's coin says so), see :class:`~fl_lightnin
     ``on_broadcast``            compress the downlink b
     ``on_receive``              client side: update h_i; what clients keep of b (e.g. TopK "step 9")
     ``on_round_end``            after x_i and the global model were written (logging)
+
+What each hook may read and replace, the cohort (``module.cohort``), client and server state, extra messages
+(``rnd.send_up`` / ``rnd.send_down``) and a walkthrough: ``docs/extending.md``.
 """
 
 from __future__ import annotations
