@@ -5,7 +5,7 @@ process (sequentially, or ``--jobs N`` at a time), finished runs are skipped, an
 metrics is written as Markdown and CSV::
 
     # configs/grids/fashion_mnist.yaml
-    configs: [configs/fashion_mnist/proxskip.yaml]      # the base run (complete config, or several layered)
+    configs: [configs/fashion_mnist/base.yaml]          # the base run (complete config, or several layered)
     presets: [proxskip, sparse_proxskip, server_pruning] # configs/algorithms/<preset>.yaml layered on top
     density: [0.5, 0.2, 0.1, 0.05]                        # for presets that take a density
     p: [0.2]                                              # FedAvg, which has no p, gets k = 1/p local steps
