@@ -60,6 +60,9 @@ PROXSKIP = {"preset": "proxskip", "momentum": 0.5}  # momentum: checkpoints carr
 LAUNCH_TIMEOUT_S = 300
 
 
+ROUND_ENGINE_RUNS = ["scaffold_cohort", "fedadam", "fednova_work"]  # server state, extra messages, LocalWork
+
+
 def two_process_runs(single: Path, two: Path) -> list[dict[str, Any]]:
     base = {"steps": STEPS, "out": str(two)}
     return [
@@ -73,6 +76,7 @@ def two_process_runs(single: Path, two: Path) -> list[dict[str, Any]]:
         {**base, **PROXSKIP, "name": "proxskip_num_clients_at_init", "num_clients_at_init": True},
         {**base, "name": "fedavg_cohort", "preset": "fedavg_cohort", "momentum": 0.5},
         {**base, "name": "fedavg_cohort_topk", "preset": "fedavg_cohort_topk", "momentum": 0.5},
+        *[{**base, "name": name, "preset": name} for name in ROUND_ENGINE_RUNS],
         {**base, **PROXSKIP, "name": "seed_mismatch", "seed_offset_per_rank": 1},
         {**base, "name": "logging_client", "preset": "proxskip", "client": "lightning", "steps": 8},
         {**base, "name": "logging_client_cohort", "preset": "fedavg_cohort", "client": "lightning", "steps": 8},
@@ -154,6 +158,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         {**base, "name": "fedavg_cohort_topk", "preset": "fedavg_cohort_topk", "momentum": 0.5},
         {**base, "name": "logging_client", "preset": "proxskip", "client": "lightning", "steps": 8},
         {**base, "name": "logging_client_cohort", "preset": "fedavg_cohort", "client": "lightning", "steps": 8},
+        *[{**base, "name": name, "preset": name} for name in ROUND_ENGINE_RUNS],
     ]:
         fl_run.run(spec)
     fl_run.run_cli({"name": "cli", "out": str(single), "cli": cli_args(single, strategy=False)})
@@ -286,6 +291,18 @@ def test_two_processes_give_the_global_model_of_one_process(runs: dict[str, Path
     assert two["round_index"] == one["round_index"] >= 4, "the runs need several rounds"
     assert two["first_step"] == one["first_step"] == 0 and two["steps_run"] == one["steps_run"] == STEPS
     assert_same_run(two, one, float64=name != "proxskip_float32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ROUND_ENGINE_RUNS)
+def test_baselines_on_two_processes_equal_one_process(runs: dict[str, Path], name: str) -> None:
+    """SCAFFOLD with a cohort (Δc_i summed over ranks, c in server state), FedAdam (m, v) and FedNova with drawn
+    local budgets: the same global model, clients, server state and bits on two processes as on one."""
+    one, two = load(runs["one"] / f"{name}.pt"), load(runs["two"] / f"{name}.pt")
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert_same_run(two, one)
+    if name != "fednova_work":  # FedNova keeps no server state
+        assert_close(two["state"], one["state"], "server_state.", rtol=RTOL_FLOAT64)
 
 
 @pytest.mark.slow

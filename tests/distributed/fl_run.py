@@ -44,7 +44,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fl_lightning import FederatedDataModule, FederatedLightningModule  # noqa: E402
-from fl_lightning.algorithms import fedavg, proxskip, sparse_proxskip  # noqa: E402
+from fl_lightning.algorithms import fedadam, fedavg, fednova, proxskip, scaffold, sparse_proxskip  # noqa: E402
 from fl_lightning.callbacks import TopKPruning  # noqa: E402
 from fl_lightning.cli import FederatedCLI, quiet_irrelevant_warnings  # noqa: E402
 from fl_lightning.strategy import FederatedDDPStrategy  # noqa: E402
@@ -64,6 +64,10 @@ def presets(seed: int) -> dict[str, Any]:
         "fedavg_cohort": lambda: fedavg(local_steps=3, cohort_size=1, seed=seed),
         # the same with TopK at the clients: the idle rank prunes, counts and averages an empty block
         "fedavg_cohort_topk": lambda: [*fedavg(local_steps=3, cohort_size=1, seed=seed), TopKPruning(density=0.5)],
+        # the round engine's server state, extra messages (Δc_i reduced over ranks) and unequal local work
+        "scaffold_cohort": lambda: scaffold(local_steps=3, cohort_size=3, server_lr=0.8, seed=seed),
+        "fedadam": lambda: fedadam(local_steps=3, server_lr=0.05, seed=seed),
+        "fednova_work": lambda: fednova(local_steps=3, min_local_steps=1, seed=seed),
     }
 
 
