@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from fl_lightning.callbacks.base import FederatedCallback
@@ -99,3 +101,21 @@ class SkipSchedule(FederatedCallback):
         self._rng.setstate((version, tuple(internal), gauss))
         self._steps_in_round = state_dict["steps_in_round"]
         self._round_length = state_dict["round_length"]
+
+
+def communication_schedule(callbacks: Sequence[FederatedCallback], *, warn: bool = True) -> SkipSchedule | None:
+    """The one :class:`SkipSchedule` among a module's federated ``callbacks`` (None without one, with a warning
+    when ``warn``: clients then never communicate). Raises when there are several, or when a callback that needs
+    rounds (``requires_schedule``, true by default) has none."""
+    schedules = [cb for cb in callbacks if isinstance(cb, SkipSchedule)]
+    if len(schedules) > 1:
+        raise ValueError(f"got {len(schedules)} SkipSchedule callbacks; keep exactly one")
+    if schedules:
+        return schedules[0]
+    others = [type(cb).__name__ for cb in callbacks if getattr(cb, "requires_schedule", True)]
+    if others:
+        verb = "needs" if len(others) == 1 else "need"
+        raise ValueError(f"{', '.join(others)} {verb} a communication schedule: add a SkipSchedule callback")
+    if warn:
+        rank_zero_warn("no SkipSchedule callback: clients train independently and never communicate")
+    return None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -106,4 +107,15 @@ class GlobalEvaluation(nn.Module):
             log(f"{stage}/acc", acc_metric, prog_bar=True, batch_size=len(y))
 
 
-__all__ = ["GlobalEvaluation", "as_model_input"]
+def warn_if_untrained(module: LightningModule) -> None:
+    """Warn when ``validate`` / ``test`` / ``predict`` run on a model that has not trained (no checkpoint given);
+    called from the module's ``on_*_start`` hooks, so under a Trainer."""
+    trainer = module.trainer
+    if module.global_step == 0 and trainer.ckpt_path is None:
+        rank_zero_warn(
+            f"{trainer.state.fn.value} of an untrained model (no checkpoint given): the metrics are those of "
+            "the initial weights. Pass a checkpoint (--ckpt_path last, or a path) to evaluate a trained one"
+        )
+
+
+__all__ = ["GlobalEvaluation", "as_model_input", "warn_if_untrained"]

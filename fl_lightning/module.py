@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerStatus
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 import fl_lightning.strategy  # noqa: F401  (registers Trainer(strategy="federated_ddp"))
@@ -25,11 +25,11 @@ from fl_lightning import metric_keys as keys
 from fl_lightning.algorithms import resolve_algorithm
 from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.callbacks.divergence import DivergenceError
-from fl_lightning.callbacks.schedule import SkipSchedule
+from fl_lightning.callbacks.schedule import SkipSchedule, communication_schedule
 from fl_lightning.clients import ClientState, TensorGroup, select_rows
 from fl_lightning.cohort import Cohort, make_cohort
 from fl_lightning.comm import CommCounter, Encoding
-from fl_lightning.evaluation import GlobalEvaluation, as_model_input
+from fl_lightning.evaluation import GlobalEvaluation, as_model_input, warn_if_untrained
 from fl_lightning.hparams import check_module_args, given_init_config, to_plain
 from fl_lightning.local_step import HeldRows, LocalStep, Vectorize
 from fl_lightning.losses import LossCallable, resolve_loss
@@ -263,19 +263,8 @@ class FederatedLightningModule(LightningModule):
             raise ValueError(f"the module holds {self.num_clients} clients but the datamodule has {dm.num_clients}")
         self.client_weights = dm.client_weights.to(self.client_weights.device)
         self._cohort = None
-        callbacks = self.trainer.callbacks
-        self.federated_callbacks = [cb for cb in callbacks if isinstance(cb, FederatedCallback)]
-        schedules = [cb for cb in callbacks if isinstance(cb, SkipSchedule)]
-        if len(schedules) > 1:
-            raise ValueError(f"got {len(schedules)} SkipSchedule callbacks; keep exactly one")
-        self.schedule = schedules[0] if schedules else None
-        others = [type(cb).__name__ for cb in self.federated_callbacks
-                  if not isinstance(cb, SkipSchedule) and getattr(cb, "requires_schedule", True)]
-        if self.schedule is None and others:
-            verb = "needs" if len(others) == 1 else "need"
-            raise ValueError(f"{', '.join(others)} {verb} a communication schedule: add a SkipSchedule callback")
-        if self.schedule is None and stage == "fit":
-            rank_zero_warn("no SkipSchedule callback: clients train independently and never communicate")
+        self.federated_callbacks = [cb for cb in self.trainer.callbacks if isinstance(cb, FederatedCallback)]
+        self.schedule = communication_schedule(self.federated_callbacks, warn=stage == "fit")
         if self.loss_fn is not None and self.loss_fn.task == "classification" and dm.num_classes is None:
             raise ValueError("loss='cross_entropy' needs a classification dataset (integer labels)")
         self.local_step.choose_path(self.global_model, dm.padded)
@@ -430,22 +419,15 @@ class FederatedLightningModule(LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.global_model(as_model_input(self.global_model, x))
 
-    def _warn_if_untrained(self) -> None:
-        if self.global_step == 0 and self._trainer is not None and self.trainer.ckpt_path is None:
-            rank_zero_warn(
-                f"{self.trainer.state.fn.value} of an untrained model (no checkpoint given): the metrics are those of "
-                "the initial weights. Pass a checkpoint (--ckpt_path last, or a path) to evaluate a trained one"
-            )
-
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == "validate":
-            self._warn_if_untrained()
+            warn_if_untrained(self)
 
     def on_test_start(self) -> None:
-        self._warn_if_untrained()
+        warn_if_untrained(self)
 
     def on_predict_start(self) -> None:
-        self._warn_if_untrained()
+        warn_if_untrained(self)
 
     def evaluate_global(self, datamodule: FederatedDataModule | None = None) -> dict[str, Tensor]:
         """Loss (and accuracy) of the global model on the held-out split of ``datamodule`` (default: the
