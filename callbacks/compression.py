@@ -31,7 +31,7 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from fl_lightning.callbacks.base import FederatedCallback
-from fl_lightning.ops import SCOPES, Scope, _check_density, quantize, quantized_bits, topk
+from fl_lightning.ops import SCOPES, Scope, check_density, quantize, quantized_bits, topk
 from fl_lightning.round import Round, Tensors
 from fl_lightning.seeding import derive_seed, step_seed
 
@@ -68,7 +68,7 @@ class Compression(FederatedCallback):
         if method == "topk":
             if density is None:
                 raise ValueError("Compression(method='topk') needs density in (0, 1]")
-            density = _check_density(density)
+            density = check_density(density)
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 24:
             raise ValueError(f"Compression bits must be an integer in [1, 24], got {bits!r}")
         if scope not in SCOPES:

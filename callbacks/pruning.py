@@ -40,7 +40,7 @@ from fl_lightning.ops import (
     Method,
     Scope,
     TopKWarmStart,
-    _check_density,
+    check_density,
     prunable,
     topk_mask,
     topk_prune_,
@@ -95,7 +95,7 @@ class TopKPruning(FederatedCallback):
 
     def __init__(self, density: float, at: str | Sequence[str] = ("local", "received"), scope: Scope = "global",
                  params: ParamSelection = "weights", topk_method: Method = "reference") -> None:
-        self.density = _check_density(density)
+        self.density = check_density(density)
         self.at = _locations(at)
         if scope not in SCOPES:
             raise ValueError(f"TopKPruning scope must be one of {SCOPES}, got {scope!r}")

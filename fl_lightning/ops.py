@@ -61,6 +61,10 @@ def _check_density(density: float) -> float:
     return density
 
 
+#: The public name of the density check (``density`` ∈ (0, 1], a clear error otherwise), for callbacks.
+check_density = _check_density
+
+
 def _check_stacked(tensors: Mapping[str, Tensor], stacked: bool) -> int | None:
     """Validate the mapping; return the number of clients n (``None`` when not stacked)."""
     if len(tensors) == 0:

@@ -323,5 +323,3 @@ def label_entropy(labels: np.ndarray, parts: Sequence[np.ndarray]) -> float:
 
 
 __all__ = ["PARTITIONERS", "dirichlet", "iid", "label_entropy", "natural", "partition", "pathological", "shard"]
-
-from fl_lightning.data import flwr_partitioners  # noqa: E402, F401  (registers ``flwr``; imports Flower only when used)
