@@ -366,7 +366,7 @@ class FederatedDDPStrategy(DDPStrategy):
         n = self._num_clients()
         if n is None:
             return state
-        opt = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        opt = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         params = [p for group in opt.param_groups for p in group["params"]]
         rows = len(self.lightning_module.client_ids)
         per_client = {}  # (param index, key) -> tensor; the keys a rank lacks (no step yet) count as zeros
@@ -398,7 +398,7 @@ class FederatedDDPStrategy(DDPStrategy):
         ids = module.client_ids.cpu() if n is not None else None
         for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
             if ids is not None:
-                opt = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+                opt = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
                 params = [p for group in opt.param_groups for p in group["params"]]
                 state = {}
                 for idx, values in opt_state["state"].items():
