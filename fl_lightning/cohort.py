@@ -19,8 +19,9 @@ full participation.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -38,6 +39,9 @@ class Cohort:
     share: float
     num_clients: int
     steps: Tensor | None = None
+    #: the participants' local rows sorted by budget, and the sorted budgets (host): held rows without a sync
+    by_budget: Tensor | None = field(default=None, repr=False)
+    sorted_budgets: tuple[int, ...] = field(default=(), repr=False)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -75,13 +79,12 @@ class Cohort:
         else:
             stacked.index_add_(0, self.rows, values.to(stacked.dtype), alpha=alpha)
 
-    def stepping(self, round_step: int) -> Tensor | None:
-        """Which participants take local step ``round_step`` (0-based within the round): those whose budget
-        τ_i > round_step, as a bool ``[c]``; ``None`` when all of them do."""
-        if self.steps is None:
-            return None
-        mask = self.steps > round_step
-        return None if bool(mask.all()) else mask
+    def held_rows(self, round_step: int) -> Tensor | None:
+        """Local rows of the participants that sit out local step ``round_step`` (0-based within the round):
+        those whose budget τ_i ≤ round_step; ``None`` when all of them step. A slice of a tensor sorted once per
+        round: no host synchronisation, no loop over clients."""
+        spent = bisect_right(self.sorted_budgets, round_step)
+        return None if self.by_budget is None or spent == 0 else self.by_budget[:spent]
 
     def steps_taken(self, round_length: int) -> Tensor:
         """min(τ_i, round length): the local steps each participant took in a round of ``round_length`` steps."""
@@ -106,6 +109,7 @@ def make_cohort(index: int, local_ids: Sequence[int], client_weights: Tensor, me
     local = list(local_ids)
     everyone = members is None and len(chosen) == n  # no sample drawn, nobody dropped out
     if everyone and local == list(range(n)):
+        row_list = local
         rows, ids = None, torch.arange(n, device=device)
     else:
         picked = set(chosen)
@@ -120,11 +124,15 @@ def make_cohort(index: int, local_ids: Sequence[int], client_weights: Tensor, me
         cohort_total = client_weights[chosen].sum()
         weights = client_weights[ids] / cohort_total
         share = float(cohort_total / total)
-    steps = None
+    steps, by_budget, sorted_budgets = None, None, ()
     if budgets is not None:
-        steps = torch.tensor([int(budgets[i]) for i in ids.tolist()], dtype=torch.long, device=device)
+        own = [int(budgets[local[r]]) for r in row_list]
+        steps = torch.tensor(own, dtype=torch.long, device=device)
+        order = sorted(range(len(own)), key=own.__getitem__)
+        by_budget = torch.tensor([row_list[j] for j in order], dtype=torch.long, device=device)
+        sorted_budgets = tuple(own[j] for j in order)
     return Cohort(index=index, rows=rows, ids=ids, members=tuple(chosen), weights=weights, share=share,
-                  num_clients=n, steps=steps)
+                  num_clients=n, steps=steps, by_budget=by_budget, sorted_budgets=sorted_budgets)
 
 
 __all__ = ["Cohort", "make_cohort"]

@@ -330,9 +330,8 @@ class FederatedLightningModule(LightningModule):
         if self.local_step.vectorized is None:
             self.local_step.choose_path(self.global_model, dm.padded)
         losses, client_logs = self.local_step(clients, cohort, client_batch, self._transformed, self.manual_backward)
-        stepping = cohort.stepping(self._round_step)  # None: everyone; else those within their budget τ_i
-        held = None if stepping is None else HeldRows(
-            clients, opt.optimizer, cohort.take(torch.arange(clients.num_clients, device=self.device))[~stepping])
+        spent = cohort.held_rows(self._round_step)  # rows whose budget τ_i is used up (None: everyone steps)
+        held = None if spent is None else HeldRows(clients, opt.optimizer, spent)
         opt.step()
         for cb in self.federated_callbacks:
             cb.on_local_step_end(self.trainer, self)
