@@ -21,7 +21,7 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from fl_lightning.callbacks.base import FederatedCallback
-from fl_lightning.seeding import derive_seed
+from fl_lightning.seeding import derive_seed, restore_random
 
 if TYPE_CHECKING:
     from fl_lightning.module import FederatedLightningModule
@@ -88,5 +88,4 @@ class LocalWork(FederatedCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = state_dict["seed"]
-        version, internal, gauss = state_dict["rng"]
-        self._rng.setstate((version, tuple(internal), gauss))
+        restore_random(self._rng, state_dict["rng"])

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from fl_lightning.callbacks.base import FederatedCallback
-from fl_lightning.seeding import derive_seed
+from fl_lightning.seeding import derive_seed, restore_random
 
 ScheduleMode = Literal["bernoulli", "fixed", "geometric"]
 MODES: tuple[str, ...] = get_args(ScheduleMode)
@@ -97,8 +97,7 @@ class SkipSchedule(FederatedCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = state_dict["seed"]
-        version, internal, gauss = state_dict["rng"]
-        self._rng.setstate((version, tuple(internal), gauss))
+        restore_random(self._rng, state_dict["rng"])
         self._steps_in_round = state_dict["steps_in_round"]
         self._round_length = state_dict["round_length"]
 

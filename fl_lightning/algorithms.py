@@ -139,23 +139,32 @@ def _preset_function(cls: type[Algorithm]) -> Any:
     return preset
 
 
-@register_algorithm("fedavg")
 @dataclass(frozen=True)
-class FedAvg(Algorithm):
-    """FedAvg (McMahan et al. 2017): k local SGD steps, then x_i ← Σ_j w_j x̂_j; no control variates.
-
-    With ``cohort_size`` only a random cohort trains in each round (weights renormalised over it).
-    """
+class _Rounds(Algorithm):
+    """Shared hyper-parameters of the FedAvg-style baselines: ``local_steps`` per round (a fixed schedule), an
+    optional random ``cohort_size`` per round, ``seed`` of both."""
 
     local_steps: int = 5
     cohort_size: int | None = None
     seed: int | None = None
 
-    def callbacks(self) -> list[Callback]:
+    def _rounds(self) -> list[Callback]:
         cbs: list[Callback] = [SkipSchedule(k=self.local_steps, mode="fixed", seed=self.seed)]
         if self.cohort_size is not None:
             cbs.append(ClientSampling(self.cohort_size, seed=self.seed))
         return cbs
+
+
+@register_algorithm("fedavg")
+@dataclass(frozen=True)
+class FedAvg(_Rounds):
+    """FedAvg (McMahan et al. 2017): k local SGD steps, then x_i ← Σ_j w_j x̂_j; no control variates.
+
+    With ``cohort_size`` only a random cohort trains in each round (weights renormalised over it).
+    """
+
+    def callbacks(self) -> list[Callback]:
+        return self._rounds()
 
 
 @register_algorithm("proxskip")
@@ -328,22 +337,6 @@ class FedComLoc(_Sparse):
         compressor = Compression(direction, self.method, density=self.density if self.method == "topk" else None,
                                  bits=self.bits, scope=self.scope, seed=self.seed)
         return [self._schedule(), ControlVariates(reference=reference), compressor]
-
-
-@dataclass(frozen=True)
-class _Rounds(Algorithm):
-    """Shared hyper-parameters of the FedAvg-style baselines: ``local_steps`` per round (a fixed schedule), an
-    optional random ``cohort_size`` per round, ``seed`` of both."""
-
-    local_steps: int = 5
-    cohort_size: int | None = None
-    seed: int | None = None
-
-    def _rounds(self) -> list[Callback]:
-        cbs: list[Callback] = [SkipSchedule(k=self.local_steps, mode="fixed", seed=self.seed)]
-        if self.cohort_size is not None:
-            cbs.append(ClientSampling(self.cohort_size, seed=self.seed))
-        return cbs
 
 
 @register_algorithm("fedprox")

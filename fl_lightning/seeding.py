@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import zlib
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -20,3 +23,10 @@ def step_seed(seed: int, step: int) -> int:
     """A 63-bit seed for step (or round) ``step`` of a stream seeded ``seed``: stateless, so any step's
     random numbers can be drawn again after a resume, on any device or rank."""
     return (seed * _MIX + (step + 1) * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+
+
+def restore_random(rng: random.Random, state: Sequence[Any]) -> None:
+    """Set ``rng`` to a state saved from ``rng.getstate()``, also after a round trip through a checkpoint
+    (which may turn its inner tuple into a list)."""
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
