@@ -12,6 +12,7 @@ Implemented as the uplink u_i = x − (τ_eff / τ_i)(x − y_i), so the round's
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
@@ -25,8 +26,12 @@ class NormalizedAveraging(FederatedCallback):
     STATE = "fednova_tau"
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if float(pl_module.hparams.get("momentum", 0.0)) != 0.0 or pl_module.hparams.get("optimizer") is not None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The local optimizer (however it was chosen: momentum=, optimizer=, --optimizer, the client's own) must
+        be plain SGD: FedNova's normalisation by τ_i is that of vanilla local SGD."""
+        plain = all(type(opt) is torch.optim.SGD and all(g["momentum"] == 0 for g in opt.param_groups)
+                    for opt in trainer.optimizers)
+        if not plain:
             raise ValueError(
                 "NormalizedAveraging (FedNova) normalises updates of plain local SGD: use momentum 0 and the default "
                 "optimizer (the momentum variant's a_i is not implemented)"

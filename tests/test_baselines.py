@@ -166,12 +166,14 @@ def test_fednova_with_equal_steps_is_fedavg(problem: LeastSquares) -> None:
     torch.testing.assert_close(a.global_model.weight, b.global_model.weight, atol=1e-13, rtol=1e-13)
 
 
-def test_fednova_refuses_momentum(problem: LeastSquares) -> None:
+@pytest.mark.parametrize("local", [{"momentum": 0.9}, {"optimizer": "Adam"}])
+def test_fednova_refuses_a_local_optimizer_other_than_plain_sgd(problem: LeastSquares, local: dict) -> None:
     model = nn.Linear(D, 1, bias=False).double()
     dm = FederatedDataModule.from_client_tensors(problem.clients, batch_size=None, seed=0)
-    module = FederatedLightningModule(model, lr=0.1, loss="mse", momentum=0.9, algorithm=FedNova())
+    module = FederatedLightningModule(model, lr=0.1, loss="mse", algorithm=FedNova(), **local)
     with pytest.raises(ValueError, match="momentum 0"):
         make_trainer(2).fit(module, datamodule=dm)
+    assert module.global_step == 0  # refused before the first step
 
 
 # ---------------------------------------------------------------------------------------------- every preset
