@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
@@ -70,10 +71,11 @@ class LastOnInterrupt(Callback):
         return {}
 
 
-def find_last_checkpoint(trainer: Trainer) -> Path | None:
+def find_last_checkpoint(trainer: Trainer, module: LightningModule | None = None) -> Path | None:
     """The newest ``last*.ckpt`` a previous run with this configuration left: in the ``dirpath`` of the
     Trainer's ``ModelCheckpoint`` if it is fixed, else under the logger's run directories
-    (``<save_dir>/<name>/version_*/checkpoints``) or ``default_root_dir``."""
+    (``<save_dir>/<name>/version_*/checkpoints``) or ``default_root_dir``; of those, the newest written by the
+    preset of ``module`` (default: the Trainer's), since runs of several presets may share a logger name."""
     dirs: list[Path] = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
                         if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None]
     roots: list[Path] = []
@@ -86,5 +88,18 @@ def find_last_checkpoint(trainer: Trainer) -> Path | None:
     roots.append(Path(trainer.default_root_dir))
     for root in roots:
         dirs += [root / "checkpoints", *root.glob("*/checkpoints")]
-    found = [p for d in dirs if d.is_dir() for p in d.glob("last*.ckpt")]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+    found = sorted((p for d in dirs if d.is_dir() for p in d.glob("last*.ckpt")),
+                   key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    module = module if module is not None else trainer.lightning_module
+    wanted = _algorithm_of(module.hparams) if module is not None else None
+    for path in found:  # runs of several presets share a logger name: the newest of this run's preset
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        if _algorithm_of(saved) == wanted:
+            return path
+    return found[0] if found else None  # another preset's: loading it says so (FederatedLightningModule)
+
+
+def _algorithm_of(hparams: Any) -> str | None:
+    from fl_lightning.algorithms import algorithm_class_of  # fl_lightning.algorithms imports the callbacks
+
+    return algorithm_class_of(hparams.get("algorithm")) if hasattr(hparams, "get") else None

@@ -115,6 +115,13 @@ def resolve_algorithm(value: Algorithm | Mapping[str, Any] | str | None) -> Algo
     raise ValueError(f"an algorithm spec needs 'class_path' (and 'init_args') or 'name', got keys {sorted(value)}")
 
 
+def algorithm_class_of(value: Algorithm | Mapping[str, Any] | str | None) -> str | None:
+    """The import path of the preset ``value`` describes (an instance, a name, a spec or a v0.1 describe dict, as
+    :func:`resolve_algorithm` takes), None without one: what decides whether a checkpoint's state fits a run."""
+    algorithm = resolve_algorithm(value)
+    return None if algorithm is None else f"{type(algorithm).__module__}.{type(algorithm).__qualname__}"
+
+
 def _class_named(path: str) -> type[Algorithm]:
     module_name, _, cls_name = path.rpartition(".")
     module = sys.modules.get(module_name)

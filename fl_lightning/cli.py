@@ -139,7 +139,7 @@ class FederatedCLI(LightningCLI):
         searches the new run's empty directory); an error when there is none."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") == "last":
-            found = find_last_checkpoint(self.trainer)
+            found = find_last_checkpoint(self.trainer, self.model)
             if found is None:
                 raise FileNotFoundError(
                     "--ckpt_path last: no last.ckpt under this config's log directory "

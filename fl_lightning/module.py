@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 import fl_lightning.strategy  # noqa: F401  (registers Trainer(strategy="federated_ddp"))
 from fl_lightning import metric_keys as keys
-from fl_lightning.algorithms import resolve_algorithm
+from fl_lightning.algorithms import algorithm_class_of, resolve_algorithm
 from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.callbacks.divergence import DivergenceError
 from fl_lightning.callbacks.schedule import SkipSchedule, communication_schedule
@@ -443,6 +443,14 @@ class FederatedLightningModule(LightningModule):
                                    "round_metrics": {k: v.detach().cpu() for k, v in self.round_metrics.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("algorithm")
+        if "algorithm" in checkpoint.get("hyper_parameters", {}) and (
+                algorithm_class_of(saved) != algorithm_class_of(self.algorithm)):
+            raise ValueError(
+                f"this checkpoint was written by the preset {algorithm_class_of(saved)}, the run uses "
+                f"{algorithm_class_of(self.algorithm)}: their states differ. Resume with the checkpoint's preset, "
+                "or start this one without --ckpt_path (give each preset its own --trainer.logger.init_args.name)"
+            )
         state = checkpoint["state_dict"]
         if self.clients is None:
             first = next(k for k in state if k.startswith("clients.x."))

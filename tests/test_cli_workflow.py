@@ -157,3 +157,20 @@ def test_command_line_switches_take_effect(args: list[str], check: Any, tmp_path
     monkeypatch.chdir(tmp_path)
     cli = _fit(tmp_path, *args)
     assert cli.trainer.global_step == 3 and check(cli)
+
+
+def test_last_picks_this_presets_run_and_another_presets_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
+    """The quickstart and quickstart + an algorithm overlay log under the same name: ``last`` takes the newest
+    checkpoint of the run's own preset; when only another preset's exists, loading it fails with one line (not a
+    state-dict traceback)."""
+    scaffold = str(ROOT / "configs" / "algorithms" / "scaffold.yaml")
+    train(tmp_path, "fit", *COMMON, "--config", scaffold, "--trainer.max_steps", "20")
+    [scaffold_last] = last_checkpoints(tmp_path)
+    refused = train(tmp_path, "validate", "--config", QUICKSTART, "--ckpt_path", "last", check=False)
+    _one_error_line(refused, "written by the preset fl_lightning.algorithms.SCAFFOLD")
+    train(tmp_path, "fit", *COMMON, "--trainer.max_steps", "20")  # ProxSkip, newer than SCAFFOLD's
+    [proxskip_last] = [p for p in last_checkpoints(tmp_path) if p != scaffold_last]
+    proc = train(tmp_path, "validate", "--config", QUICKSTART, "--ckpt_path", "last")
+    assert f"--ckpt_path last: {proxskip_last.relative_to(tmp_path)}" in proc.stderr
+    proc = train(tmp_path, "validate", "--config", QUICKSTART, "--config", scaffold, "--ckpt_path", "last")
+    assert f"--ckpt_path last: {scaffold_last.relative_to(tmp_path)}" in proc.stderr  # not the newest: its own
