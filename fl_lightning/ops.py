@@ -346,11 +346,10 @@ def _fast_masks(parts: list[Tensor], k: int, hint: _Hint, *, prune: bool) -> tup
     rows_per = max(1, min(n, _FAST_BLOCK // dp))
     abuf = torch.zeros(rows_per, dp, dtype=dtype)  # the padding columns stay 0 (dropped for any t > 0)
     gbuf = torch.empty(rows_per, dp, dtype=dtype)
-    wbuf = torch.empty(rows_per, dp, dtype=dtype)
     mask = torch.empty(n, d, dtype=torch.bool)  # the masks are its column blocks (as the reference's)
     theta: list[float] = []
     prev_all = hint.theta.tolist()
-    seen = (hint.drift, hint.margin)
+    seen = (hint.drift, hint.margin)  # t_all holds the starting thresholds for these
     t_all = (hint.theta * math.exp(hint.drift - hint.margin)).to(dtype)
     bounds = [0]
     for w in widths:
@@ -365,22 +364,23 @@ def _fast_masks(parts: list[Tensor], k: int, hint: _Hint, *, prune: bool) -> tup
         cols = full if r == rows_per else [(ac[:r], gc[:r]) for ac, gc in full]
         for x, (ac, _) in zip(xs, cols):
             torch.abs(x, out=ac)
-        if (hint.drift, hint.margin) != seen:  # learned from the previous blocks: new starting thresholds
-            seen = (hint.drift, hint.margin)
-            t_all[i:] = hint.theta[i:] * math.exp(hint.drift - hint.margin)
-        torch.lt(a, t_tensor.unsqueeze(1), out=g)
+        prev = prev_all[i : i + r]
+        if (hint.drift, hint.margin) == seen:
+            t_col = t_tensor.unsqueeze(1)
+        else:  # learned from the previous blocks: new starting thresholds
+            f = math.exp(hint.drift - hint.margin)
+            t_col = torch.tensor([[pv * f] for pv in prev], dtype=dtype)
+        torch.lt(a, t_col, out=g)
         kept = g.sum(1).tolist()
         sums = a.sum(1).tolist()  # ±inf / NaN anywhere: not finite
-        prev = prev_all[i : i + r]
         pred = [pv * math.exp(hint.drift) for pv in prev]
-        ts = t_tensor.tolist()
+        ts = t_col.view(-1).tolist()
         if all(c == dp - k for c in kept) and all(math.isfinite(sm) for sm in sums) and all(0 < t < math.inf
                                                                                           for t in ts):
             theta += [pv if pv > 0 else 0.0 for pv in pred]  # every row settled at once: θ ≥ t, not computed
             special: list[int] = []
         else:
-            special = _settle_block(a, g, wbuf[:r], k, d, dp, nch, cap, kept, sums, ts, prev, pred, hint,
-                                    theta)
+            special = _settle_block(a, g, k, d, dp, nch, cap, kept, sums, ts, prev, pred, hint, theta)
         mb.copy_(g[:, :d] if dp != d else g)
         torch.logical_not(mb, out=mb)
         if prune:
@@ -399,7 +399,7 @@ def _fast_masks(parts: list[Tensor], k: int, hint: _Hint, *, prune: bool) -> tup
     return masks, torch.tensor(theta, dtype=torch.float64)
 
 
-def _settle_block(a: Tensor, g: Tensor, w_: Tensor, k: int, d: int, dp: int, nch: int, cap: int, kept: list[float],
+def _settle_block(a: Tensor, g: Tensor, k: int, d: int, dp: int, nch: int, cap: int, kept: list[float],
                   sums: list[float], ts: list[float], prev: list[float], pred: list[float], hint: _Hint,
                   theta: list[float]) -> list[int]:
     """The rows of one block of :func:`_fast_masks` not settled by the first count: more counts, the extraction,
@@ -437,18 +437,19 @@ def _settle_block(a: Tensor, g: Tensor, w_: Tensor, k: int, d: int, dp: int, nch
     if brackets is not None or any(e > 0 for e in excess):
         # the e + 1 smallest kept magnitudes of every row (also the exact θ of the rows with e = 0, which
         # teaches the drift when the first thresholds missed)
-        torch.add(a, g, alpha=_BIG, out=w_)
-        chunks = w_.view(r, nch, _CHUNK)
+        # w = a + 2¹²⁰·g, written over g (recomputed below as [a < θ])
+        chunks = torch.add(a, g, alpha=_BIG, out=g).view(r, nch, _CHUNK)
         q = int(max(excess)) + 1
         sel = chunks.amin(2).topk(q, dim=1, largest=False, sorted=False).indices
         vals = chunks.gather(1, sel.unsqueeze(2).expand(r, q, _CHUNK)).reshape(r, q * _CHUNK)
-        low = vals.topk(q, dim=1, largest=False, sorted=True).values.tolist()
+        lows = vals.topk(q, dim=1, largest=False, sorted=True).values.tolist()
         for j in range(r):
             if j in ref_rows:
                 continue
             e = int(excess[j])
-            th = low[j][e]
-            if not th < _BIG / 2 or (e > 0 and low[j][e - 1] == th):
+            low = lows[j]
+            th = low[e]
+            if not th < _BIG / 2 or (e > 0 and low[e - 1] == th):
                 ref_rows.append(j)  # θ tied across the boundary (the tie rule decides), or huge / NaN
                 continue
             hint.solved(prev[j], pred[j], th, ts[j], excess[j])
