@@ -191,7 +191,7 @@ def _select_rows(a: Tensor, k: int, theta: Tensor) -> Tensor:
 Method = Literal["auto", "reference", "fast"]
 METHODS: tuple[str, ...] = ("auto", "reference", "fast")
 
-_FAST_BLOCK = 2**16  # entries per row block: the magnitudes, flags and scratch (3 × 256 KiB) stay in the L2 cache
+_FAST_BLOCK = 2**17  # entries per row block: the magnitudes and the flags (2 × 512 KiB) stay in the L2 cache
 _FAST_MIN_NUMEL = 2**16  # below this many entries per scope the reference is as fast (``method="auto"``)
 _FAST_MIN_D = 2**12  # below this many entries per row the reference is as fast
 _CHUNK = 64  # entries per chunk of the extraction (the chunk minima are the first selection)
