@@ -488,10 +488,10 @@ def topk_mask(
         stacked: dim 0 is the client dimension and every client gets its own mask.
         warm_start: optional :class:`TopKWarmStart` holding the previous call's thresholds (speed only:
             the result does not depend on it).
-        method: ``"reference"`` (``torch.topk`` per row, :func:`_topk_rows`), ``"fast"`` (the bracket search
-            of :func:`_fast_masks` around the thresholds in ``warm_start``; CPU float32/float64 only, and the
-            reference while ``warm_start`` holds nothing for the scope), or ``"auto"`` (fast where it applies
-            and the scope has at least 2¹⁶ entries). All three return the same masks.
+        method: ``"reference"`` (``torch.topk`` per row, :func:`_topk_rows`), ``"fast"`` (the counting search
+            of :func:`_fast_masks`, started from the thresholds in ``warm_start``; CPU float32/float64 only, and
+            the reference while ``warm_start`` holds nothing for the scope), or ``"auto"`` (fast where it applies,
+            the scope has at least 2¹⁶ entries and every row 2¹² or more). All three return the same masks.
 
     Returns:
         ``name -> bool Tensor`` of the same shapes. Each client keeps exactly k entries per scope
@@ -569,7 +569,7 @@ def _topk_group(key: str, group: dict[str, Tensor], density: float, *, stacked: 
         return {name: m.reshape(t.shape) for (name, t), m in zip(group.items(), masks)}
     rows = [_magnitudes(v) for v in views]
     a = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)  # cat promotes mixed dtypes
-    if fast and warm_start is not None:  # no bracket yet: the reference, and its θ seeds the next call
+    if fast and warm_start is not None:  # nothing cached yet: the reference, and its θ seeds the next call
         theta = _kth_rows(a, k)
         mask = _select_rows(a, k, theta)
         warm_start.update(key, theta.squeeze(1))

@@ -1,7 +1,7 @@
 """The fast exact TopK (``fl_lightning.ops._fast_masks``, ``TopKWarmStart``) against the reference (DESIGN §1.1).
 
 The fast path must return the *same* masks as the reference ``torch.topk`` + tie rule (lower flat index wins
-among equal magnitudes), whatever bracket it searches first: a good warm start, a stale one, a wrong one.
+among equal magnitudes), wherever its search starts: a good warm start, a stale one, a wrong one.
 Equality is exact (a selection has no rounding).
 """
 
@@ -270,3 +270,31 @@ def test_float64_rows_of_one_block_each():
         ref = topk_prune_({k: v.clone() for k, v in x.items()}, 0.05, method="reference")
         assert _equal(topk_prune_(y, 0.05, method="fast", warm_start=warm), ref)
         x = {k: v + 1e-3 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in x.items()}
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_sparse_proxskip_trains_bit_for_bit_the_same_with_the_fast_topk(scope, monkeypatch):
+    """Whole runs (local TopK after every step, the received broadcast, momentum masked): the client and global
+    models and the recorded masks are identical with ``topk_method="fast"`` and ``"reference"``."""
+    import fl_lightning.ops as ops
+    from fl_lightning.algorithms import sparse_proxskip
+    from fl_lightning.callbacks import TopKPruning
+    from tests.test_sparse import fit_linear, sparse_regression
+
+    clients = sparse_regression(n=6, d=300, m=40, seed=1)
+    calls = []
+    inner = ops._fast_masks
+    monkeypatch.setattr(ops, "_fast_masks", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    out = {}
+    for method in ("reference", "fast"):
+        cbs = sparse_proxskip(p=0.25, density=0.1, scope=scope, seed=0)
+        for cb in cbs:
+            if isinstance(cb, TopKPruning):
+                cb.topk_method = method
+        module = fit_linear(clients, cbs, steps=24, lr=0.002, momentum=0.9)
+        out[method] = (module.clients.x["weight"].detach().clone(), module.global_model.weight.detach().clone(),
+                       module.clients.extra["topk_mask"]["weight"].clone())
+    assert len(calls) >= 20  # every local step after the first took the fast path
+    for ref, fast in zip(out["reference"], out["fast"]):
+        assert torch.equal(ref.view(torch.int64) if ref.is_floating_point() else ref,
+                           fast.view(torch.int64) if fast.is_floating_point() else fast)
