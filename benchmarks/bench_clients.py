@@ -4,6 +4,8 @@
     python benchmarks/bench_clients.py --quick                                   # a one-minute subset
     python benchmarks/bench_clients.py --models mlp784 --clients 100 --paths vectorized \
         --algorithms proxskip,sparse_proxskip                                    # the cost of per-step TopK
+    python benchmarks/bench_clients.py --models mlp784 --clients 100 --paths vectorized \
+        --algorithms proxskip,sparse_proxskip --topk-methods reference,fast       # ... per TopK method
 
 For every (model, n clients, path) one fresh Python process runs the configuration, so peak memory
 (``ru_maxrss``, or ``torch.cuda.max_memory_allocated`` on a GPU) belongs to that configuration alone.
@@ -100,6 +102,7 @@ class Config:
     seq_budget: float = 20.0
     framework: str | None = None
     algorithm: str = "proxskip"
+    topk_method: str | None = None  # sparse_proxskip: TopKPruning(topk_method=...); None = its default
     density: float = 0.1
 
 
@@ -317,6 +320,12 @@ def _run_framework(cfg: Config, warmup: int, timed: int, sync: Any) -> tuple[flo
         callbacks=[*(proxskip(p=1.0 / cfg.k, mode="fixed", seed=0) if cfg.algorithm == "proxskip" else
                      sparse_proxskip(p=1.0 / cfg.k, mode="fixed", density=cfg.density, seed=0)), timer],
     )
+    if cfg.topk_method is not None:
+        from fl_lightning.callbacks import TopKPruning
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, TopKPruning):
+                cb.topk_method = cfg.topk_method
     trainer.fit(module, dm)
     return timer.elapsed / timer.count, timer.count
 
@@ -417,6 +426,8 @@ def markdown_table(rows: list[dict[str, Any]], peaks: dict[str, Any]) -> str:
         bound, which = roofline_s(r, peaks)
         mem = r.get("cuda_peak_mb", r.get("rss_peak_mb"))
         path = f"{r['path']} {r['algorithm']}" if "algorithm" in r else r["path"]
+        if r.get("topk_method"):
+            path += f" (topk_method={r['topk_method']})"
         lines.append(
             f"| {SPECS[r['model']].label} | {r['clients']} | {path} | {_fmt(ms, 2)} | "
             f"{_fmt(r['clients'] / r['step_s'], 0)} | {_fmt(r.get('vs_hand'), 2)} | "
@@ -454,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algorithms", default="proxskip",
                         help=f"comma list of {ALGORITHMS}; sparse_proxskip rows get their ratio to proxskip")
     parser.add_argument("--density", type=float, default=0.1, help="TopK density of sparse_proxskip")
+    parser.add_argument("--topk-methods", default=None,
+                        help="comma list of TopKPruning topk_method values (reference, auto, fast) for the "
+                             "sparse_proxskip rows, one row each; default: the callback's default")
     parser.add_argument("--framework", default=None,
                         help="measure the fl_lightning of this checkout instead of the installed one")
     parser.add_argument("--quick", action="store_true",
@@ -484,10 +498,17 @@ def main(argv: list[str] | None = None) -> None:
     for a in algorithms:
         if a not in ALGORITHMS:
             parser.error(f"unknown algorithm {a!r}; choose from {ALGORITHMS}")
+    methods: list[str | None] = [None] if args.topk_methods is None else [
+        t for t in args.topk_methods.split(",") if t]
+    for t in methods:
+        if t not in (None, "reference", "auto", "fast"):
+            parser.error(f"unknown topk method {t!r}; choose from reference, auto, fast")
     configs = [Config(m, n, p, batch_size=args.batch_size, samples_per_client=args.samples_per_client, k=args.k,
                       rounds=args.rounds, threads=args.threads, device=device, seq_budget=args.seq_budget,
-                      framework=framework, algorithm=a, density=args.density)
-               for m in models for n in clients for a in algorithms for p in paths]
+                      framework=framework, algorithm=a, density=args.density,
+                      topk_method=t if a == "sparse_proxskip" else None)
+               for m in models for n in clients for a in algorithms
+               for t in (methods if a == "sparse_proxskip" else [None]) for p in paths]
     samples: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(configs))}
     skipped = {i: _skip_reason(c, cuda, args.mem_limit_gb, peaks) for i, c in enumerate(configs)}
     for rep in range(args.repeats):  # interleaved, so slow phases of a shared machine hit every config
@@ -497,13 +518,17 @@ def main(argv: list[str] | None = None) -> None:
             res = _subprocess("--worker", asdict(cfg), args.timeout)
             samples[i].append(res)
             status = f"{1e3 * res['step_s']:.2f} ms/step" if res["ok"] else res["error"]
-            print(f"# [{rep + 1}/{args.repeats}] {cfg.model} n={cfg.clients} {cfg.path}: {status}", file=sys.stderr)
+            what = cfg.path if cfg.algorithm == "proxskip" else f"{cfg.path} {cfg.algorithm}"
+            what += f" topk_method={cfg.topk_method}" if cfg.topk_method else ""
+            print(f"# [{rep + 1}/{args.repeats}] {cfg.model} n={cfg.clients} {what}: {status}", file=sys.stderr)
 
     rows = []
     for i, cfg in enumerate(configs):
         row: dict[str, Any] = {"model": cfg.model, "clients": cfg.clients, "path": cfg.path}
         if cfg.algorithm != "proxskip":
             row.update(algorithm=cfg.algorithm, density=cfg.density)
+            if cfg.topk_method is not None:
+                row["topk_method"] = cfg.topk_method
         if skipped[i]:
             rows.append({**row, "skipped": skipped[i]})
             continue
@@ -533,7 +558,8 @@ def main(argv: list[str] | None = None) -> None:
         dense = by_key.get((r["model"], r["clients"], "vectorized"))
         if r.get("ok") and "algorithm" in r and dense and dense.get("ok"):
             r["vs_proxskip"] = r["step_s"] / dense["step_s"]
-            ratios.append(f"{r['algorithm']} / proxskip, {SPECS[r['model']].label}, n = {r['clients']}, "
+            method = f" (topk_method={r['topk_method']})" if r.get("topk_method") else ""
+            ratios.append(f"{r['algorithm']}{method} / proxskip, {SPECS[r['model']].label}, n = {r['clients']}, "
                           f"δ = {r['density']:g}: {1e3 * r['step_s']:.2f} / {1e3 * dense['step_s']:.2f} ms per "
                           f"local step = {r['vs_proxskip']:.2f}×")
 

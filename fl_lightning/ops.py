@@ -21,6 +21,7 @@ Operators
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Literal
@@ -194,54 +195,95 @@ def _select_rows(a: Tensor, k: int, theta: Tensor) -> Tensor:
 Method = Literal["auto", "reference", "fast"]
 METHODS: tuple[str, ...] = ("auto", "reference", "fast")
 
-_FAST_BLOCK = 2**18  # entries per row block of the fast path: its float32 scratch (1 MiB) stays in the L2 cache
+_FAST_BLOCK = 2**17  # entries per row block: the magnitudes and the flags (2 × 512 KiB) stay in the L2 cache
 _FAST_MIN_NUMEL = 2**16  # below this many entries per scope the reference is as fast (``method="auto"``)
-_CHUNK = 64  # entries per chunk when extracting the candidates of a bracket
-_CAP = 512  # candidates per row beyond which a bracket is shrunk (by counting) before extracting them
-_RETRIES = 6  # attempts to move a missed bracket before a row falls back to the reference
-_WARM_MIN, _WARM_MAX = 2e-3, 0.25  # bounds of the warm bracket's relative half-width
+_FAST_MIN_D = 2**12  # below this many entries per row the reference is as fast
+_CHUNK = 64  # entries per chunk of the extraction (the chunk minima are the first selection)
+_MAX_EXCESS = 256  # most entries above the first threshold beyond k that one extraction resolves
+_NARROW_EXCESS, _NARROW_TRIES = 32, 2  # on the first counts, an excess above 32 is narrowed by counting again
+_MAX_EVALS = 8  # counts per block before the rows still unresolved go to the reference
+_BIG = 2.0**120  # added to the dropped magnitudes before the extraction: above every kept one
+_MARGIN_SIGMAS = 2.0  # the first threshold sits this many spreads of the θ ratio below the prediction
 
 
 class TopKWarmStart:
     """Optional cache of the previous thresholds θ of :func:`topk_mask` / :func:`topk_prune_`, per scope.
 
-    TopK_δ keeps the entries with magnitude ≥ θ (the k-th largest magnitude of each row, DESIGN §1.1). Between
-    two local steps θ moves little, so the previous θ gives a tight bracket [θ(1−r), θ(1+r)] for the next one.
-    The cache only picks the bracket the fast path searches first: every row whose bracket turns out wrong is
-    recomputed by the reference, so results are bit-identical with, without or with a stale cache, and it need
-    not be checkpointed. Entries are keyed by scope (``""`` for the global scope, the tensor's name for a
-    layer) and only used when the number of rows matches; :meth:`clear` forgets them (e.g. a new cohort).
+    TopK_δ keeps the entries with magnitude ≥ θ, the k-th largest magnitude of each row (DESIGN §1.1). The fast
+    path (:func:`_fast_masks`) starts every row at a threshold t a little below the predicted θ (the cached θ
+    times the drift of θ between calls, learned from the rows already solved in the call) and counts the
+    entries ≥ t; the cache only decides where it starts. Every answer is verified by an exact count, and
+    a row it cannot settle is recomputed by the reference, so results are bit-identical with, without or
+    with a stale cache, and it need not be checkpointed. Entries are keyed by scope (``""`` for the global
+    scope, the tensor's name for a layer) and only used when the number of rows matches; :meth:`clear`
+    forgets them (e.g. a new cohort).
+
+    Per scope: ``theta`` [n] (float64; exact where the last call computed θ, else its prediction),
+    ``drift`` (log θ ratio between calls), ``margin`` (log distance of the first threshold below the
+    prediction), ``density`` (entries per unit of log-magnitude near θ, to size the next tries).
     """
 
     def __init__(self) -> None:
         self.theta: dict[str, Tensor] = {}
-        self.width: dict[str, float] = {}
+        self.drift: dict[str, float] = {}
+        self.margin: dict[str, float] = {}
+        self.density: dict[str, float] = {}
 
     def clear(self) -> None:
         self.theta.clear()
-        self.width.clear()
+        self.drift.clear()
+        self.margin.clear()
+        self.density.clear()
 
-    def bracket(self, key: str, n: int) -> tuple[Tensor, Tensor] | None:
-        """(lo, hi) of shape [n, 1] around the cached θ, or ``None`` when nothing usable is cached."""
+    def hint(self, key: str, n: int) -> _Hint | None:
+        """The starting point of the fast path for ``n`` rows, or ``None`` when nothing usable is cached."""
         theta = self.theta.get(key)
-        if theta is None or theta.shape[0] != n:
+        if theta is None or theta.shape != (n,):
             return None
-        r = self.width.get(key, 0.01)
-        return (theta * (1 - r)).unsqueeze(1), (theta * (1 + r)).unsqueeze(1)
+        # the drift starts at 0 in every call: it jumps at round boundaries, and the cached θ already holds the
+        # previous call's drift; the rows solved first in a call teach it the new one
+        return _Hint(theta.to(torch.float64), 0.0, self.margin.get(key, 0.1), self.density.get(key, 100.0))
 
-    def update(self, key: str, theta: Tensor) -> None:
-        """Store the new θ [n]; the next half-width r is 4× the largest relative move of θ, bounded."""
-        old = self.theta.get(key)
-        r = 0.01
-        if old is not None and old.shape == theta.shape:
-            move = ((theta - old).abs() / old.clamp_min(torch.finfo(old.dtype).tiny)).nan_to_num(nan=_WARM_MAX)
-            r = float(move.amax()) * 4 if move.numel() else r
-        self.width[key] = min(_WARM_MAX, max(_WARM_MIN, r))
-        self.theta[key] = theta.clone()
+    def update(self, key: str, theta: Tensor, hint: _Hint | None = None) -> None:
+        """Store θ [n] (and what the fast path learned, when it ran)."""
+        self.theta[key] = theta.detach().to(torch.float64).clone()
+        if hint is not None:
+            self.drift[key], self.margin[key], self.density[key] = hint.drift, hint.margin, hint.density
+
+
+class _Hint:
+    """Where the fast path starts (see :class:`TopKWarmStart`); the scalars are updated as rows are solved."""
+
+    def __init__(self, theta: Tensor, drift: float, margin: float, density: float) -> None:
+        self.theta = theta
+        self.drift = drift
+        self.margin = margin
+        self.density = density
+        # running mean and spread of log(θ / θ_prev) over the rows solved in this call (Welford); the values
+        # of the previous call count as one observation
+        self._n, self._mean, self._m2 = 1.0, drift, (margin / _MARGIN_SIGMAS) ** 2
+        self._dens_sum, self._dens_n = math.log(density), 1.0
+
+    def solved(self, prev: float, pred: float, theta: float, t: float, excess: float) -> None:
+        """Learn from a row whose θ is now exact (``prev`` the previous one, ``pred`` its prediction), which had
+        ``excess`` entries beyond k at or above the threshold ``t``."""
+        if not (0 < prev < math.inf and 0 < pred < math.inf and 0 < theta < math.inf and t >= 0):
+            return
+        x = math.log(theta / prev)
+        self._n += 1
+        delta = x - self._mean
+        self._mean += delta / self._n
+        self._m2 += delta * (x - self._mean)
+        self.drift = self._mean
+        self.margin = min(0.5, max(0.02, _MARGIN_SIGMAS * math.sqrt(self._m2 / self._n)))
+        if excess > 0 and theta > t > 0:
+            self._dens_sum += math.log(max(1.0, excess / math.log(theta / t)))
+            self._dens_n += 1
+            self.density = math.exp(self._dens_sum / self._dens_n)
 
 
 def _fast_eligible(parts: list[Tensor], k: int, method: Method) -> bool:
-    """Whether the fast path applies: CPU, one float dtype, 1 ≤ k < d < 2²⁴ (exact float32 counts)."""
+    """Whether the fast path applies: CPU, one float dtype, 1 ≤ k < d < 2²⁴ (exact float counts)."""
     if method == "reference":
         return False
     d = sum(p.shape[1] for p in parts)
@@ -252,135 +294,182 @@ def _fast_eligible(parts: list[Tensor], k: int, method: Method) -> bool:
         and 1 <= k < d < 2**24
         and parts[0].shape[0] > 0
     )
-    return ok and (method == "fast" or parts[0].shape[0] * d >= _FAST_MIN_NUMEL)
+    return ok and (method == "fast" or (parts[0].shape[0] * d >= _FAST_MIN_NUMEL and d >= _FAST_MIN_D))
 
 
-def _block_threshold(buf: Tensor, r: int, d: int, k: int, lo: Tensor, hi: Tensor, flag: Tensor, above: Tensor,
-                     final: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """θ (the k-th largest entry, [r, 1]) of each row of the magnitudes ``a = buf[:r·d].view(r, d)`` (in the
-    cache; ``buf`` and ``flag`` flat, at least r·d rounded up to a 64-entry chunk; ``above`` ≥ r·d), and the
-    rows where θ is exact and alone, #{a ≥ θ} = k (bool [r]); the other rows are left to the reference.
-
-    Counts c_hi = #{a > hi} and c_lo = #{a ≥ lo} are sums of 0/1 floats (exact below 2²⁴ entries). Where
-    c_hi < k ≤ c_lo, θ lies in the bracket and is the j-th largest of the candidates lo ≤ a ≤ hi, j = k − c_hi
-    (a sort of the few candidates per row); #{a ≥ θ} = c_hi + #{candidates ≥ θ} then tells whether θ is
-    tied beyond k. A row with a NaN, a bracket that misses θ or more than d/16 candidates (ties) is not ok.
-    Also returned, for a retry: the rows whose bracket missed θ, whether θ lies above it, the crowded rows,
-    and the counts c_hi, c_lo. Unless ``final``, a block with such rows returns θ = ``None`` right after the
-    counts (the candidates are only extracted once every bracket is right)."""
-    size = r * d
-    a = buf[:size].view(r, d)
-    end = -(-size // _CHUNK) * _CHUNK
-    f = flag[:size].view(r, d)
-    g = above[:size].view(r, d)
-    torch.gt(a, hi, out=g)
-    torch.ge(a, lo, out=f)
-    c_hi = g.sum(1)
-    c_lo = f.sum(1)
-    f.sub_(g)  # 1 at the candidates lo ≤ a ≤ hi (hi ≥ lo)
-    count = c_lo - c_hi
-    cap = max(64, min(_CAP, d // 16))  # candidates per row worth extracting
-    crowded = count > cap
-    finite = ~a.sum(1).isnan()
-    inside = (c_hi < k) & (c_lo >= k)
-    miss, crowded_in = finite & ~crowded & ~inside, finite & crowded & inside
-    if not final and bool((miss | crowded_in).any()):
-        return None, inside, miss, c_hi >= k, crowded_in, c_hi, c_lo
-    if bool(crowded.any()):
-        f[crowded] = 0
-        count = count.masked_fill(crowded, 0)
-    # Extract the candidates: first the 64-entry chunks holding any (a max over each chunk), then the
-    # candidates inside them; chunks are in row-major order, so the values stay grouped by row.
-    flag[size:end] = 0  # the tail of the last chunk
-    chunks = flag[:end].view(-1, _CHUNK)
-    hit = chunks.amax(1).nonzero().squeeze(1)
-    vals = buf[:end].view(-1, _CHUNK)[hit].masked_select(chunks[hit].bool())
-    counts = count.long()
-    width = max(1, int(counts.max()))
-    row = torch.repeat_interleave(torch.arange(r), counts)
-    pos = torch.arange(vals.numel()) - (torch.cumsum(counts, 0) - counts)[row]
-    cand = torch.full((r, width), -1.0, dtype=a.dtype)  # magnitudes are ≥ 0: padding sorts last
-    cand[row, pos] = vals
-    cand = cand.sort(dim=1, descending=True).values
-    j = (k - c_hi.long()).clamp(1, width)
-    theta = cand.gather(1, (j - 1).unsqueeze(1))
-    ge = c_hi + (cand >= theta).sum(1).to(a.dtype)
-    ok = finite & ~crowded & inside & (ge == k)
-    return theta, ok, miss, c_hi >= k, crowded_in, c_hi, c_lo
+def _next_threshold(t: float, c: float, k: int, cap: int, bracket: list[float], density: float, tries: int) -> float:
+    """The next threshold of a row whose count c = #{a ≥ t} is < k or > k + cap; ``bracket`` = [t_lo, c_lo, t_hi,
+    c_hi] (t_lo: the highest t with c > k + cap, 0 if none; t_hi: the lowest with c < k, inf if none), updated."""
+    if c > k:
+        bracket[0], bracket[1] = t, c
+    else:
+        bracket[2], bracket[3] = t, c
+    t_lo, c_lo, t_hi, c_hi = bracket
+    target = k + cap / 4  # any count in [k, k + cap] can be extracted
+    if t_lo > 0 and math.isfinite(t_hi):  # regula falsi in log t
+        frac = min(0.9, max(0.1, (c_lo - target) / (c_lo - c_hi)))
+        nxt = math.exp(math.log(t_lo) + frac * (math.log(t_hi) - math.log(t_lo)))
+    else:  # doubling steps, sized by the density of magnitudes near θ, until the bracket closes
+        step = min(4.0, 2.0 ** (tries - 1) * max(0.02, abs(c - target) / density))
+        nxt = t * math.exp(step if c > k else -step)
+    if not t_lo < nxt < t_hi:
+        nxt = math.sqrt(t_lo * t_hi) if t_lo > 0 and math.isfinite(t_hi) else t
+    return nxt
 
 
-def _fast_masks(parts: list[Tensor], k: int, lo: Tensor, hi: Tensor, *, prune: bool) -> tuple[list[Tensor], Tensor]:
+def _fast_masks(parts: list[Tensor], k: int, hint: _Hint, *, prune: bool) -> tuple[list[Tensor], Tensor]:
     """Masks of TopK_k over the rows formed by ``parts`` ([n, d_j] each, concatenated) — bit-identical to
-    :func:`_topk_rows` on their magnitudes — and θ per row ([n]); with ``prune`` the parts are zeroed in
-    place outside the masks (+0.0, as ``masked_fill``).
+    :func:`_topk_rows` on their magnitudes — and θ per row (float64 [n], exact where computed, else the
+    prediction); with ``prune`` the parts are zeroed in place outside the masks (+0.0, as ``masked_fill``).
 
-    One streaming pass over blocks of rows that fit the L2 cache: |x| into a scratch block, θ by
-    :func:`_block_threshold` inside the bracket [lo, hi] ([n, 1] each), then mask = |x| ≥ θ and the zeroing
-    while the block is still cached. Rows θ cannot be settled for get the reference (``torch.topk`` and the
-    tie rule) on their magnitudes, NaN as +∞."""
+    Rows are handled in blocks that fit the L2 cache. For each block: a = |x| (rows padded with zeros to a
+    multiple of 64), the flags g = [a < t] (float 0/1) for a threshold t per row a little below the predicted
+    θ, and the count kept = #{a ≥ t} (an exact float sum; NaN counts as kept, as the reference's +∞). Then,
+    per row:
+
+    - kept = k: {a ≥ t} *is* the TopK — exactly k entries, every other one smaller, so no tie to break.
+      (The usual case while the pruned model has a wide gap below θ.)
+    - k < kept ≤ k + 256: the e = kept − k smallest kept entries are dropped. They are found among the chunks
+      (64 entries) with the e + 1 smallest minima of w = a + 2¹²⁰·g (w = a on the kept entries): an entry
+      outside those chunks is ≥ the (e+1)-th chunk minimum, hence ≥ the (e+1)-th smallest kept value, so the
+      chunks hold the e + 1 smallest values exactly. θ = the (e+1)-th smallest; if it equals the e-th, θ
+      is tied across the boundary and the row takes the reference (the tie rule), else g = [a < θ] and
+      {a ≥ θ} has exactly k entries.
+    - otherwise t moves (doubling steps, then regula falsi in log t) and the block is counted again, at most
+      8 times. Rows with ±inf / NaN (a non-finite row sum), θ ≥ 2¹¹⁹, or left unsettled take the reference.
+
+    Finally mask = ¬g and, with ``prune``, x ← x − x·g (+0.0 where dropped; kept values exact) in place.
+    """
     n = parts[0].shape[0]
     widths = [p.shape[1] for p in parts]
     d = sum(widths)
     dtype = parts[0].dtype
-    rows_per = max(1, _FAST_BLOCK // d)
-    cells = min(rows_per, n) * d
-    buf = torch.empty(-(-cells // _CHUNK) * _CHUNK, dtype=dtype)
-    flag = torch.empty_like(buf)
-    above = torch.empty(cells, dtype=dtype)
-    masks = [torch.empty(p.shape, dtype=torch.bool) for p in parts]
-    theta = torch.empty(n, dtype=dtype)
-    for i in range(0, n, rows_per):
-        r = min(rows_per, n - i)
-        a = buf[: r * d].view(r, d)
-        col = 0
-        for p, w in zip(parts, widths):
-            torch.abs(p[i : i + r], out=a[:, col : col + w])
-            col += w
-        blo, bhi = lo[i : i + r], hi[i : i + r]
-        for attempt in range(_RETRIES + 1):  # fix the brackets by counting while the block is cached
-            t, ok, miss, above_hi, crowded, c_hi, c_lo = _block_threshold(buf, r, d, k, blo, bhi, flag, above,
-                                                                           final=attempt == _RETRIES)
-            if t is not None:
-                break
-            # missed: move past the old end, 8× wider; crowded: shrink around the linear interpolation of θ
-            # between (hi, c_hi) and (lo, c_lo) to about 256 expected candidates
-            span = torch.maximum(bhi - blo, bhi * 1e-3).clamp_min(torch.finfo(dtype).tiny)
-            up, down = (miss & above_hi).unsqueeze(1), (miss & ~above_hi).unsqueeze(1)
-            many = (c_lo - c_hi).clamp_min(1).unsqueeze(1)
-            centre = bhi - (bhi - blo) * ((k - c_hi).unsqueeze(1) - 0.5) / many
-            half = (bhi - blo) * (64.0 / many)
-            shrink = crowded.unsqueeze(1)
-            blo, bhi = (
-                torch.where(up, bhi, torch.where(down, (blo - 8 * span).clamp_min(0),
-                                                 torch.where(shrink, (centre - half).clamp_min(0), blo))),
-                torch.where(up, bhi + 8 * span, torch.where(down, blo, torch.where(shrink, centre + half, bhi))),
-            )
-        assert t is not None
-        clean = bool(ok.all())
-        if not clean:  # the reference on the unsettled rows, before their entries are touched
-            bad = (~ok).nonzero().squeeze(1)
-            mag = a[bad].nan_to_num(nan=math.inf)
-            t_ref = _kth_rows(mag, k)
-            ref = _select_rows(mag, k, t_ref)
-            t[bad] = t_ref
-        theta[i : i + r] = t.squeeze(1)
-        keep = flag[: r * d].view(r, d)
-        torch.ge(a, t, out=keep)
-        col = 0
-        for p, w, m in zip(parts, widths, masks):
-            f = keep[:, col : col + w]
-            if not clean:
-                f[bad] = ref[:, col : col + w].to(dtype)
-            m[i : i + r].copy_(f)
-            if prune:
-                # x·1 = x and x·0 = ±0 (a dropped entry is finite: |x| < θ, or the reference dropped it); + 0.0
-                # turns −0 into +0. A kept −0 would need θ = 0 with #{|x| ≥ 0} = k < d: only on a reference row.
-                if clean:
-                    p[i : i + r].mul_(f).add_(0.0)
+    nch = -(-d // _CHUNK)
+    dp = nch * _CHUNK
+    cap = min(_MAX_EXCESS, nch - 1)
+    rows_per = max(1, min(n, _FAST_BLOCK // dp))
+    abuf = torch.zeros(rows_per, dp, dtype=dtype)  # the padding columns stay 0 (dropped for any t > 0)
+    gbuf = torch.empty(rows_per, dp, dtype=dtype)
+    mask = torch.empty(n, d, dtype=torch.bool)  # the masks are its column blocks (as the reference's)
+    theta: list[float] = []
+    prev_all = hint.theta.tolist()
+    seen = (hint.drift, hint.margin)  # t_all holds the starting thresholds for these
+    t_all = (hint.theta * math.exp(hint.drift - hint.margin)).to(dtype)
+    bounds = [0]
+    for w in widths:
+        bounds.append(bounds[-1] + w)
+    # views made once (a Python-level slice costs microseconds; there are thousands of blocks)
+    blocks = zip(range(0, n, rows_per), zip(*(p.split(rows_per) for p in parts)), mask.split(rows_per),
+                 t_all.split(rows_per))
+    full = [(abuf[:, lo:hi], gbuf[:, lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+    for i, xs, mb, t_tensor in blocks:
+        r = mb.shape[0]
+        a, g = (abuf, gbuf) if r == rows_per else (abuf[:r], gbuf[:r])
+        cols = full if r == rows_per else [(ac[:r], gc[:r]) for ac, gc in full]
+        for x, (ac, _) in zip(xs, cols):
+            torch.abs(x, out=ac)
+        prev = prev_all[i : i + r]
+        if (hint.drift, hint.margin) == seen:
+            t_col = t_tensor.unsqueeze(1)
+        else:  # learned from the previous blocks: new starting thresholds
+            f = math.exp(hint.drift - hint.margin)
+            t_col = torch.tensor([[pv * f] for pv in prev], dtype=dtype)
+        torch.lt(a, t_col, out=g)
+        kept = g.sum(1).tolist()
+        sums = a.sum(1).tolist()  # ±inf / NaN anywhere: not finite
+        pred = [pv * math.exp(hint.drift) for pv in prev]
+        ts = t_col.view(-1).tolist()
+        if all(c == dp - k for c in kept) and all(math.isfinite(sm) for sm in sums) and all(0 < t < math.inf
+                                                                                          for t in ts):
+            theta += [pv if pv > 0 else 0.0 for pv in pred]  # every row settled at once: θ ≥ t, not computed
+            special: list[int] = []
+        else:
+            special = _settle_block(a, g, k, d, dp, nch, cap, kept, sums, ts, prev, pred, hint, theta)
+        mb.copy_(g[:, :d] if dp != d else g)
+        torch.logical_not(mb, out=mb)
+        if prune:
+            for x, (_, gc), lo, hi in zip(xs, cols, bounds, bounds[1:]):
+                if not special:
+                    # x − x·g: +0.0 where dropped (a dropped entry is finite), x itself where kept (g = 0 and
+                    # x finite; a kept −0 would need θ = 0, a reference row). Rows with ±inf / NaN: masked_fill.
+                    torch.addcmul(x, x, gc, value=-1, out=x)
                 else:
-                    p[i : i + r].masked_fill_(~m[i : i + r], 0)
-            col += w
-    return masks, theta
+                    for j in range(r):
+                        if j in special:
+                            x[j].masked_fill_(~mb[j, lo:hi], 0)
+                        else:
+                            torch.addcmul(x[j], x[j], gc[j], value=-1, out=x[j])
+    masks = [mask[:, lo:hi] for lo, hi in itertools.pairwise(bounds)]
+    return masks, torch.tensor(theta, dtype=torch.float64)
+
+
+def _settle_block(a: Tensor, g: Tensor, k: int, d: int, dp: int, nch: int, cap: int, kept: list[float],
+                  sums: list[float], ts: list[float], prev: list[float], pred: list[float], hint: _Hint,
+                  theta: list[float]) -> list[int]:
+    """The rows of one block of :func:`_fast_masks` not settled by the first count: more counts, the extraction,
+    or the reference; leaves g = [a < θ] per row (the reference's mask for its rows), appends θ to ``theta``,
+    and returns the rows with ±inf / NaN (to be zeroed by ``masked_fill``)."""
+    r = a.shape[0]
+    dtype = a.dtype
+    kf = float(k)
+    ref_rows = [j for j in range(r) if not (math.isfinite(sums[j]) and 0 < ts[j] < math.inf)]
+    excess = [0.0] * r
+    pending = [j for j in range(r) if j not in ref_rows]
+    brackets: list[list[float]] | None = None
+    for tries in range(1, _MAX_EVALS + 1):
+        again = []
+        for j in pending:
+            c = dp - kept[j]
+            if k <= c <= k + (cap if tries > _NARROW_TRIES else min(cap, _NARROW_EXCESS)):
+                excess[j] = c - kf  # a larger excess costs more in the extraction than one more count
+            elif tries == _MAX_EVALS:
+                ref_rows.append(j)
+            else:
+                if brackets is None:
+                    brackets = [[0.0, float(dp), math.inf, 0.0] for _ in range(r)]
+                window = cap if tries >= _NARROW_TRIES else min(cap, _NARROW_EXCESS)
+                ts[j] = _next_threshold(ts[j], c, k, window, brackets[j], hint.density, tries)
+                again.append(j)
+        if not again:
+            break
+        pending = again
+        t_col = torch.tensor([[t] for t in ts], dtype=dtype)
+        ts = t_col.view(-1).tolist()  # exactly the thresholds compared against
+        torch.lt(a, t_col, out=g)
+        kept = g.sum(1).tolist()
+    out = [pv if pv > 0 else 0.0 for pv in pred]
+    if brackets is not None or any(e > 0 for e in excess):
+        # the e + 1 smallest kept magnitudes of every row (also the exact θ of the rows with e = 0, which
+        # teaches the drift when the first thresholds missed)
+        # w = a + 2¹²⁰·g, written over g (recomputed below as [a < θ])
+        chunks = torch.add(a, g, alpha=_BIG, out=g).view(r, nch, _CHUNK)
+        q = int(max(excess)) + 1
+        sel = chunks.amin(2).topk(q, dim=1, largest=False, sorted=False).indices
+        vals = chunks.gather(1, sel.unsqueeze(2).expand(r, q, _CHUNK)).reshape(r, q * _CHUNK)
+        lows = vals.topk(q, dim=1, largest=False, sorted=True).values.tolist()
+        for j in range(r):
+            if j in ref_rows:
+                continue
+            e = int(excess[j])
+            low = lows[j]
+            th = low[e]
+            if not th < _BIG / 2 or (e > 0 and low[e - 1] == th):
+                ref_rows.append(j)  # θ tied across the boundary (the tie rule decides), or huge / NaN
+                continue
+            hint.solved(prev[j], pred[j], th, ts[j], excess[j])
+            out[j] = ts[j] = th
+        torch.lt(a, torch.tensor([[t] for t in ts], dtype=dtype), out=g)
+    special = []
+    for j in ref_rows:
+        mag = a[j : j + 1, :d].nan_to_num(nan=math.inf)
+        t_ref = _kth_rows(mag, k)
+        out[j] = float(t_ref)
+        g[j, :d] = ~_select_rows(mag, k, t_ref)[0]
+        if not math.isfinite(sums[j]):
+            special.append(j)
+        hint.solved(prev[j], pred[j], out[j], 0.0, 0.0)
+    theta += out
+    return special
 
 
 # --------------------------------------------------------------------------------------------- TopK
@@ -403,10 +492,10 @@ def topk_mask(
         stacked: dim 0 is the client dimension and every client gets its own mask.
         warm_start: optional :class:`TopKWarmStart` holding the previous call's thresholds (speed only:
             the result does not depend on it).
-        method: ``"reference"`` (``torch.topk`` per row, :func:`_topk_rows`), ``"fast"`` (the bracket search
-            of :func:`_fast_masks` around the thresholds in ``warm_start``; CPU float32/float64 only, and the
-            reference while ``warm_start`` holds nothing for the scope), or ``"auto"`` (fast where it applies
-            and the scope has at least 2¹⁶ entries). All three return the same masks.
+        method: ``"reference"`` (``torch.topk`` per row, :func:`_topk_rows`), ``"fast"`` (the counting search
+            of :func:`_fast_masks`, started from the thresholds in ``warm_start``; CPU float32/float64 only, and
+            the reference while ``warm_start`` holds nothing for the scope), or ``"auto"`` (fast where it applies,
+            the scope has at least 2¹⁶ entries and every row 2¹² or more). All three return the same masks.
 
     Returns:
         ``name -> bool Tensor`` of the same shapes. Each client keeps exactly k entries per scope
@@ -476,15 +565,15 @@ def _topk_group(key: str, group: dict[str, Tensor], density: float, *, stacked: 
     n = views[0].shape[0]
     writable = all(v.data_ptr() == t.data_ptr() and v.is_contiguous() for v, t in zip(views, group.values()))
     fast = _fast_eligible(views, k, method) and (writable or not prune)
-    bracket = warm_start.bracket(key, n) if fast and warm_start is not None else None
-    if bracket is not None:
+    hint = warm_start.hint(key, n) if fast and warm_start is not None else None
+    if hint is not None:
         assert warm_start is not None
-        masks, theta = _fast_masks(views, k, *bracket, prune=prune)
-        warm_start.update(key, theta)
+        masks, theta = _fast_masks(views, k, hint, prune=prune)
+        warm_start.update(key, theta, hint)
         return {name: m.reshape(t.shape) for (name, t), m in zip(group.items(), masks)}
     rows = [_magnitudes(v) for v in views]
     a = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)  # cat promotes mixed dtypes
-    if fast and warm_start is not None:  # no bracket yet: the reference, and its θ seeds the next call
+    if fast and warm_start is not None:  # nothing cached yet: the reference, and its θ seeds the next call
         theta = _kth_rows(a, k)
         mask = _select_rows(a, k, theta)
         warm_start.update(key, theta.squeeze(1))

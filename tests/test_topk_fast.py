@@ -1,7 +1,7 @@
 """The fast exact TopK (``fl_lightning.ops._fast_masks``, ``TopKWarmStart``) against the reference (DESIGN §1.1).
 
 The fast path must return the *same* masks as the reference ``torch.topk`` + tie rule (lower flat index wins
-among equal magnitudes), whatever bracket it searches first: a good warm start, a stale one, a wrong one.
+among equal magnitudes), wherever its search starts: a good warm start, a stale one, a wrong one.
 Equality is exact (a selection has no rounding).
 """
 
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from fl_lightning.ops import (
     TopKWarmStart,
     _fast_masks,
+    _Hint,
     _magnitudes,
     _topk_rows,
     topk_count,
@@ -59,28 +60,63 @@ DENSITIES = st.sampled_from([1e-6, 0.01, 0.05, 0.1, 0.3, 0.5, 0.9, 0.99, 1.0])  
 
 
 # --------------------------------------------------------------------------------------------- the core
-@settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 7), d=st.integers(1, 300), k_frac=st.floats(0.0, 1.0), kind=st.sampled_from(
-    ["randn", "ties", "zeros"]), lo_q=st.floats(0.0, 1.0), width=st.floats(0.0, 1.0), seed=st.integers(0, 10**6))
-def test_property_fast_masks_equal_the_reference_for_any_bracket(n, d, k_frac, kind, lo_q, width, seed):
-    g = torch.Generator().manual_seed(seed)
-    if kind == "ties":
-        x = torch.randint(-3, 4, (n, d), generator=g).float()
-    elif kind == "zeros":
-        x = torch.randn(n, d, generator=g) * (torch.rand(n, d, generator=g) < 0.3)
-    else:
+def _inputs(kind: str, n: int, d: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "ties":  # a small integer set: exact ties in magnitude, and signed pairs
+        return torch.randint(-3, 4, (n, d), generator=g).float()
+    if kind == "zeros":  # mostly zeros
+        return torch.randn(n, d, generator=g) * (torch.rand(n, d, generator=g) < 0.3)
+    if kind == "dup":  # every value appears several times
+        return torch.randn(n, -(-d // 4), generator=g).repeat(1, 4)[:, :d]
+    if kind == "pruned":  # a TopK-pruned model after one small step: k large entries, d − k tiny ones
         x = torch.randn(n, d, generator=g)
+        x = x.masked_fill(~_topk_rows(x.abs(), max(1, d // 10)), 0)
+        return x + 1e-3 * torch.randn(n, d, generator=g)
+    return torch.randn(n, d, generator=g)
+
+
+KINDS = st.sampled_from(["randn", "ties", "zeros", "dup", "pruned"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 7), d=st.integers(2, 700), k_frac=st.floats(0.0, 1.0), kind=KINDS,
+       guess=st.sampled_from(["exact", "near", "far", "zero", "inf", "nan", "random"]),
+       drift=st.floats(-2.0, 2.0), margin=st.floats(0.0, 0.6), dens=st.floats(1.0, 1e4), seed=st.integers(0, 10**6))
+def test_property_fast_masks_equal_the_reference_for_any_start(n, d, k_frac, kind, guess, drift, margin, dens, seed):
+    """Whatever threshold the search starts from, the masks (and θ where computed) are the reference's."""
+    g = torch.Generator().manual_seed(seed)
+    x = _inputs(kind, n, d, g)
     k = min(d - 1, max(1, round(k_frac * d)))
-    if d < 2:
-        return  # the fast path needs 1 ≤ k < d
     a = x.abs()
-    # any bracket: around the true θ, or anywhere (then the rows fall back to the reference)
-    lo = torch.quantile(a, lo_q, dim=1, keepdim=True)
-    hi = lo + width * (a.amax(1, keepdim=True) - lo)
-    masks, theta = _fast_masks([x[:, : d // 2], x[:, d // 2 :]], k, lo, hi, prune=False)
     ref = _topk_rows(_magnitudes(x), k)
+    theta = a.masked_fill(~ref, math.inf).amin(1).double()  # the smallest kept magnitude
+    start = {"exact": theta, "near": theta * (1 + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)),
+             "far": theta * 100, "zero": torch.zeros(n, dtype=torch.float64),
+             "inf": torch.full((n,), math.inf, dtype=torch.float64),
+             "nan": torch.full((n,), math.nan, dtype=torch.float64),
+             "random": torch.rand(n, generator=g, dtype=torch.float64) * 3}[guess]
+    parts = [x[:, : d // 2], x[:, d // 2 :]]
+    masks, th = _fast_masks(parts, k, _Hint(start, drift, margin, dens), prune=False)
     assert torch.equal(torch.cat(masks, dim=1), ref)
-    assert torch.equal(theta, a.masked_fill(~ref, math.inf).amin(1))  # θ: the smallest kept magnitude
+    assert th.shape == (n,) and th.dtype == torch.float64
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5), d=st.integers(64, 3000), kind=KINDS, seed=st.integers(0, 10**6),
+       spread=st.floats(0.0, 0.3))
+def test_property_extraction_equals_the_reference(n, d, kind, seed, spread):
+    """Start just below θ, so that most rows take the extraction (k < kept ≤ k + 256): same masks, exact θ."""
+    g = torch.Generator().manual_seed(seed)
+    x = _inputs(kind, n, d, g)
+    k = max(1, d // 10)
+    ref = _topk_rows(_magnitudes(x), k)
+    theta = x.abs().masked_fill(~ref, math.inf).amin(1).double()
+    start = theta * torch.exp(-spread * torch.rand(n, generator=g, dtype=torch.float64))
+    y = [x.clone()]
+    masks, th = _fast_masks(y, k, _Hint(start, 0.0, 0.0, 100.0), prune=True)
+    assert torch.equal(masks[0], ref)
+    assert _bitwise(y[0], x.masked_fill(~ref, 0))
+    solved = th != start  # rows whose θ was computed (not left at the prediction) hold the exact θ
+    assert torch.equal(th[solved], theta[solved])
 
 
 @settings(max_examples=40, deadline=None)
@@ -184,3 +220,81 @@ def test_auto_uses_the_fast_path_on_large_inputs_and_keeps_exactly_k():
 def test_method_is_validated():
     with pytest.raises(ValueError, match="method"):
         topk_mask({"w": torch.randn(2, 3)}, 0.5, method="quick")
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_training_like_sequence_equals_the_reference(scope):
+    """Local steps of Sparse-ProxSkip: x ← TopK(x − γ·noise), with jumps of θ (round ends) — in lockstep with the
+    reference, one row per block (d > 2¹⁶) and a partial last block, masks and pruned values bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    x = {"w": torch.randn(3, 70_000, generator=g), "v": torch.randn(3, 300, generator=g)}
+    warm = TopKWarmStart()
+    for step in range(12):
+        y = {k: v.clone() for k, v in x.items()}
+        ref = topk_prune_(x, 0.1, scope=scope, method="reference")
+        fast = topk_prune_(y, 0.1, scope=scope, method="fast", warm_start=warm)
+        assert _equal(fast, ref), step
+        for k in x:
+            assert _bitwise(y[k], x[k]), (step, k)
+        scale = 2.5 if step % 4 == 3 else 1.0  # a round end: every θ jumps
+        x = {k: v * scale - 0.01 * torch.randn(v.shape, generator=g) for k, v in x.items()}
+
+
+def test_many_rows_per_block_and_infinite_values_when_pruning():
+    """Small rows (many per block) with ±inf among the kept entries, NaN rows, and ties across the boundary."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(300, 5000, generator=g)
+    x[3, 10] = math.inf
+    x[4, :20] = -math.inf
+    x[5, 7] = math.nan
+    x[6] = 1.0  # all tied
+    x[7, :600] = 2.0  # a tie straddling k = 500
+    warm = TopKWarmStart()
+    for _ in range(3):
+        ref = topk_mask({"w": x}, 0.1, method="reference")
+        y = {"w": x.clone()}
+        fast = topk_prune_(y, 0.1, method="fast", warm_start=warm)
+        assert _equal(fast, ref)
+        expect = x.masked_fill(~ref["w"], 0)
+        assert torch.equal(y["w"].isnan(), expect.isnan())
+        assert _bitwise(y["w"].nan_to_num(), expect.nan_to_num())
+        x = x * 0.97
+
+
+def test_float64_rows_of_one_block_each():
+    g = torch.Generator().manual_seed(3)
+    x = {"w": torch.randn(2, 40_000, generator=g, dtype=torch.float64)}
+    warm = TopKWarmStart()
+    for _ in range(4):
+        y = {k: v.clone() for k, v in x.items()}
+        ref = topk_prune_({k: v.clone() for k, v in x.items()}, 0.05, method="reference")
+        assert _equal(topk_prune_(y, 0.05, method="fast", warm_start=warm), ref)
+        x = {k: v + 1e-3 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in x.items()}
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_sparse_proxskip_trains_bit_for_bit_the_same_with_the_fast_topk(scope, monkeypatch):
+    """Whole runs (local TopK after every step, the received broadcast, momentum masked): the client and global
+    models and the recorded masks are identical with ``topk_method="fast"`` and ``"reference"``."""
+    import fl_lightning.ops as ops
+    from fl_lightning.algorithms import sparse_proxskip
+    from fl_lightning.callbacks import TopKPruning
+    from tests.test_sparse import fit_linear, sparse_regression
+
+    clients = sparse_regression(n=6, d=300, m=40, seed=1)
+    calls = []
+    inner = ops._fast_masks
+    monkeypatch.setattr(ops, "_fast_masks", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    out = {}
+    for method in ("reference", "fast"):
+        cbs = sparse_proxskip(p=0.25, density=0.1, scope=scope, seed=0)
+        for cb in cbs:
+            if isinstance(cb, TopKPruning):
+                cb.topk_method = method
+        module = fit_linear(clients, cbs, steps=24, lr=0.002, momentum=0.9)
+        out[method] = (module.clients.x["weight"].detach().clone(), module.global_model.weight.detach().clone(),
+                       module.clients.extra["topk_mask"]["weight"].clone())
+    assert len(calls) >= 20  # every local step after the first took the fast path
+    for ref, fast in zip(out["reference"], out["fast"]):
+        assert torch.equal(ref.view(torch.int64) if ref.is_floating_point() else ref,
+                           fast.view(torch.int64) if fast.is_floating_point() else fast)
