@@ -21,6 +21,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from fl_lightning.data.client_split import check_fraction, split_clients
 from fl_lightning.data.datasets import DatasetSplits, load_dataset
 from fl_lightning.objective import ClientBatch
 from fl_lightning.seeding import derive_seed, step_seed
@@ -69,6 +70,20 @@ class _TensorBatches:
             yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
 
 
+def _check_pairs(pairs: Sequence[tuple[Tensor, Tensor]], what: str, *, allow_empty: bool) -> None:
+    for i, (x, y) in enumerate(pairs):
+        if len(x) == 0 and not allow_empty:
+            raise ValueError(f"{what} {i} has no samples")
+        if len(x) != len(y):
+            raise ValueError(f"{what} {i}: {len(x)} inputs but {len(y)} targets")
+
+
+def _consecutive(sizes: Sequence[int]) -> list[np.ndarray]:
+    """Index ranges of consecutive blocks of ``sizes`` samples."""
+    ends = np.cumsum([0, *sizes])
+    return [np.arange(ends[i], ends[i + 1]) for i in range(len(sizes))]
+
+
 class FederatedDataModule(LightningDataModule):
     """A dataset split into ``num_clients`` clients.
 
@@ -87,6 +102,9 @@ class FederatedDataModule(LightningDataModule):
         augment: a registered augmentation (``crop_flip``) applied on the device to each sampled batch;
             its random draws, like the minibatch's, depend only on (seed, step, client).
         seed: seeds the partition and the sampling; default derived from torch's initial seed at setup.
+        client_test_fraction: hold this fraction of every client's partition out as the client's own test split
+            (stratified by label, seeded; :mod:`fl_lightning.data.client_split`), on which the global model is
+            evaluated per client (``val/client_acc_*``); 0 = none. The central test split stays as it is.
     """
 
     def __init__(
@@ -103,6 +121,7 @@ class FederatedDataModule(LightningDataModule):
         dataset_args: dict[str, Any] | None = None,
         augment: str | None = None,
         seed: int | None = None,
+        client_test_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if num_clients < 1:
@@ -127,8 +146,10 @@ class FederatedDataModule(LightningDataModule):
         self.dataset_args = dict(dataset_args or {})
         self.augment = augment
         self.seed = seed
+        self.client_test_fraction = check_fraction(client_test_fraction)
         self.data: DatasetSplits | None = None
         self.client_indices: list[np.ndarray] | None = None
+        self.client_test_indices: list[np.ndarray] | None = None  # into the training tensors, like client_indices
         self._device_cache: dict[Any, tuple[Tensor, ...]] = {}
         if augment is not None:
             from fl_lightning.data.augment import get_augmentation
@@ -143,28 +164,36 @@ class FederatedDataModule(LightningDataModule):
         test: tuple[Tensor, Tensor] | None = None,
         batch_size: int | None = 32,
         num_classes: int | None = None,
+        client_test: Sequence[tuple[Tensor, Tensor]] | None = None,
         **kwargs: Any,
     ) -> FederatedDataModule:
-        """Data a user has already split: ``clients=[(x_1, y_1), ...]``; ``test=(x, y)`` for validation.
+        """Data a user has already split: ``clients=[(x_1, y_1), ...]``; ``test=(x, y)`` for validation;
+        ``client_test=[(x_1, y_1), ...]`` each client's own test data (a client's may be empty).
 
         ``num_classes`` defaults to max label + 1 for integer targets (None for float targets).
         """
         if len(clients) == 0:
             raise ValueError("from_client_tensors needs at least one client")
-        for i, (x, y) in enumerate(clients):
-            if len(x) == 0:
-                raise ValueError(f"client {i} has no samples")
-            if len(x) != len(y):
-                raise ValueError(f"client {i}: {len(x)} inputs but {len(y)} targets")
-        xs = torch.cat([torch.as_tensor(x) for x, _ in clients])
-        ys = torch.cat([torch.as_tensor(y) for _, y in clients])
+        _check_pairs(clients, "client", allow_empty=False)
+        if client_test is not None:
+            if len(client_test) != len(clients):
+                raise ValueError(f"client_test needs one (x, y) per client: {len(clients)} clients, "
+                                 f"{len(client_test)} test splits")
+            if kwargs.get("client_test_fraction"):
+                raise ValueError("give client_test or client_test_fraction, not both")
+            _check_pairs(client_test, "client_test of client", allow_empty=True)
+        pairs = list(clients) + list(client_test or [])
+        xs = torch.cat([torch.as_tensor(x) for x, _ in pairs])
+        ys = torch.cat([torch.as_tensor(y) for _, y in pairs])
         if num_classes is None and not ys.is_floating_point():
             num_classes = int(ys.max()) + 1
         tx, ty = test if test is not None else (xs[:0], ys[:0])
         dm = cls(num_clients=len(clients), batch_size=batch_size, **kwargs)
         dm.data = DatasetSplits("custom", xs, ys, torch.as_tensor(tx), torch.as_tensor(ty), num_classes)
-        sizes = np.cumsum([0] + [len(x) for x, _ in clients])
-        dm.client_indices = [np.arange(sizes[i], sizes[i + 1]) for i in range(len(clients))]
+        ranges = _consecutive([len(x) for x, _ in pairs])
+        dm.client_indices = ranges[: len(clients)]
+        if client_test is not None:
+            dm.client_test_indices = ranges[len(clients):]
         return dm
 
     def prepare_data(self) -> None:
@@ -187,17 +216,20 @@ class FederatedDataModule(LightningDataModule):
         if self.data is None:
             with progress_stage(f"loading {self.dataset}"):
                 self.data = load_dataset(self.dataset, self.data_dir, **self.dataset_args)
+        labels = self.data.train_y.numpy() if self.data.num_classes is not None else None
+        if labels is None:
+            labels = np.zeros(len(self.data.train_y), dtype=np.int64)
         if self.client_indices is None:
             from fl_lightning.data.partition import partition
 
-            labels = self.data.train_y.numpy() if self.data.num_classes is not None else None
-            if labels is None:
-                labels = np.zeros(len(self.data.train_y), dtype=np.int64)
             with progress_stage(f"partitioning into {self._num_clients} clients ({self.partition})"):
                 self.client_indices = partition(
                     self.partition, labels, self._num_clients, seed=self.seed,
                     groups=self.data.train_groups, **self.partition_args,
                 )
+        if self.client_test_indices is None and self.client_test_fraction > 0:
+            self.client_indices, self.client_test_indices = split_clients(
+                self.client_indices, labels, self.client_test_fraction, self.seed)
         self._validate_clients()
 
     def _validate_clients(self) -> None:
@@ -207,6 +239,10 @@ class FederatedDataModule(LightningDataModule):
         empty = [i for i, idx in enumerate(self.client_indices) if len(idx) == 0]
         if empty:
             raise ValueError(f"clients {empty[:10]} received no samples; use fewer clients or another partition")
+        if self.client_test_indices is None:
+            self.client_test_indices = [idx[:0] for idx in self.client_indices]
+        if len(self.client_test_indices) != self._num_clients:
+            raise ValueError(f"{len(self.client_test_indices)} client test splits for {self._num_clients} clients")
         self._check_batch_size([len(idx) for idx in self.client_indices])
 
     def _check_batch_size(self, sizes: list[int]) -> None:
@@ -252,6 +288,18 @@ class FederatedDataModule(LightningDataModule):
         return w / w.sum()
 
     @property
+    def client_test_sizes(self) -> np.ndarray:
+        """The number of test samples of every client (0 without client test splits)."""
+        self._require()
+        assert self.client_test_indices is not None
+        return np.array([len(idx) for idx in self.client_test_indices])
+
+    @property
+    def has_client_test_data(self) -> bool:
+        """Whether any client has its own test split (``client_test_fraction`` > 0 or ``client_test``)."""
+        return bool(self.client_test_sizes.sum() > 0)
+
+    @property
     def has_eval_data(self) -> bool:
         """Whether there is a held-out split to evaluate on."""
         return len(self._require()[0].test_y) > 0
@@ -270,20 +318,32 @@ class FederatedDataModule(LightningDataModule):
         return max(1, math.ceil(float(self.client_sizes.mean()) / self.batch_size))
 
     # ------------------------------------------------------------------ sampling
-    def _on(self, device: torch.device) -> tuple[Tensor, ...]:
-        key = str(device)
+    def _on(self, device: torch.device, split: Literal["train", "test"] = "train") -> tuple[Tensor, ...]:
+        """(all training inputs, targets, the [n, max |D_i|] index table of the clients' ``split``, the sizes [n])
+        on ``device``, padded rows holding index 0."""
+        key = f"{split}:{device}"
         if key not in self._device_cache:
             data, indices = self._require()
+            if split == "test":
+                assert self.client_test_indices is not None
+                indices = self.client_test_indices
             counts = torch.tensor([len(i) for i in indices], dtype=torch.long)
-            table = torch.zeros(len(indices), int(counts.max()), dtype=torch.long)
+            table = torch.zeros(len(indices), max(int(counts.max()), 1), dtype=torch.long)
             for row, idx in enumerate(indices):
                 table[row, : len(idx)] = torch.as_tensor(idx, dtype=torch.long)
             self._device_cache[key] = tuple(t.to(device) for t in (data.train_x, data.train_y, table, counts))
         return self._device_cache[key]
 
+    def client_test_data(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every client's test split on ``device``: (inputs, targets, index table [n, T] into them, sizes [n]);
+        row i of the table lists client i's test samples, padded at the end with index 0."""
+        x, y, table, counts = self._on(device, "test")
+        return x, y, table, counts
+
     def sample(self, step: int, clients: Tensor | None, device: torch.device,
-               dtype: torch.dtype = torch.float32) -> ClientBatch:
-        """The batch of local step ``step`` for ``clients`` (None = all), stacked: [c, B, ...]."""
+               dtype: torch.dtype = torch.float32, seed: int | None = None) -> ClientBatch:
+        """The batch of local step ``step`` for ``clients`` (None = all), stacked: [c, B, ...]; ``seed``: of the
+        draw's stream instead of the datamodule's (the training steps use the datamodule's)."""
         x_all, y_all, table, counts = self._on(device)
         rows = table if clients is None else table[clients]
         cnt = counts if clients is None else counts[clients]
@@ -295,7 +355,7 @@ class FederatedDataModule(LightningDataModule):
         else:
             assert self.seed is not None
             gen = torch.Generator(device=device)
-            gen.manual_seed(step_seed(self.seed, step))
+            gen.manual_seed(step_seed(self.seed if seed is None else seed, step))
             u = torch.rand(self._num_clients, self.batch_size, generator=gen, device=device)
             if clients is not None:
                 u = u[clients]
@@ -346,10 +406,17 @@ class FederatedDataModule(LightningDataModule):
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         _, indices = self._require()
-        return {"seed": self.seed, "client_indices": [torch.as_tensor(i) for i in indices]}
+        assert self.client_test_indices is not None
+        return {"seed": self.seed, "client_indices": [torch.as_tensor(i) for i in indices],
+                "client_test_indices": [torch.as_tensor(i) for i in self.client_test_indices]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = state_dict["seed"]
         self.client_indices = [t.numpy() for t in state_dict["client_indices"]]
+        saved = state_dict.get("client_test_indices")  # absent in checkpoints written before client test splits
+        if saved is None and self.client_test_fraction > 0:
+            raise ValueError("this checkpoint was written without client test splits (client_test_fraction 0): "
+                             "resume it with --data.client_test_fraction 0, or start the run again")
+        self.client_test_indices = None if saved is None else [t.numpy() for t in saved]
         self._device_cache.clear()
         self._validate_clients()
