@@ -98,7 +98,8 @@ class ControlVariates(FederatedCallback):
         h = module.clients.extra[self.STATE]
         ref = rnd.mean if self.reference == "mean" else rnd.broadcast
         scale = self._p_over_gamma(module)
-        for k, hk in h.items():
+        for k in rnd.local:  # the shared parameters: a personal one's h_i stays 0 (it is never averaged)
+            hk = h[k]
             if rnd.cohort.rows is None:  # in place: no [n, ...] temporaries
                 hk.sub_(rnd.local[k], alpha=scale).add_(ref[k].unsqueeze(0), alpha=scale)
             else:

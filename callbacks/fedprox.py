@@ -37,7 +37,7 @@ class ProximalTerm(FederatedCallback):
         cohort = pl_module.cohort
         anchor = dict(pl_module.global_model.named_parameters())  # x^t, the round's global model
         for k, x in pl_module.clients.x.items():
-            if x.grad is not None:  # g_i += μ (x_i − x^t) on the participants' rows
+            if x.grad is not None and k not in pl_module.personal_names:  # g_i += μ (x_i − x^t), participants' rows
                 cohort.add_(x.grad, cohort.take(x.detach()) - anchor[k].unsqueeze(0), alpha=self.mu)
 
     @override

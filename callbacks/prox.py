@@ -43,7 +43,8 @@ class L1Prox(FederatedCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.names = prunable(pl_module.global_model.named_parameters(), include=self.params, stacked=False)
+        self.names = [k for k in prunable(pl_module.global_model.named_parameters(), include=self.params, stacked=False)
+                      if k not in pl_module.personal_names]  # the prox acts on the round's (shared) parameters
         if not self.names:
             raise ValueError(f"L1Prox params={self.params!r} selects no parameter of the client model")
 

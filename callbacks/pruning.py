@@ -139,7 +139,8 @@ class TopKPruning(FederatedCallback):
             raise ValueError("TopKPruning at: 'forward' (STE, dense x_i) in one callback conflicts with 'local' "
                              "(x_i pruned after every step) in another; keep one of them")
         self._ste = "forward" in everywhere
-        self.names = prunable(pl_module.global_model.named_parameters(), include=self.params, stacked=False)
+        self.names = [k for k in prunable(pl_module.global_model.named_parameters(), include=self.params, stacked=False)
+                      if k not in pl_module.personal_names]  # personal parameters stay dense (never sent)
         if not self.names:
             raise ValueError(f"TopKPruning params={self.params!r} selects no parameter of the client model")
         pl_module.add_client_state(self.STATE, dtype=torch.bool, fill=1.0)

@@ -68,7 +68,7 @@ class Scaffold(FederatedCallback):
             s = scale.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
             delta[k] = (x[k].unsqueeze(0) - y) * s - c[k].unsqueeze(0)
         mean = rnd.send_up(self.CLIENT, delta, weights=rnd.weights * rnd.cohort.share)
-        for k in ci:
+        for k in delta:  # the shared parameters (personal ones keep c_i = c = 0)
             rnd.cohort.add_(ci[k], delta[k])
             c[k].add_(mean[k])
 

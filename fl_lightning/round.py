@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fl_lightning.comm import Encoding, encoded_bits, message_bits
 from fl_lightning.ops import nonzeros
+from fl_lightning.personal import shared
 
 if TYPE_CHECKING:
     from fl_lightning.cohort import Cohort
@@ -121,7 +122,8 @@ def communicate(module: FederatedLightningModule, cohort: Cohort, round_length: 
             getattr(cb, hook)(trainer, module, rnd)
 
     weights = cohort.weights
-    local = {k: cohort.take(x).detach() for k, x in clients.x.items()}
+    # personal parameters (module.personal_names) stay on the clients: the round carries the shared ones only
+    local = {k: cohort.take(x).detach() for k, x in shared(clients.x.as_dict(), module.personal_names).items()}
     rnd = Round(module.round_index, module.global_step, cohort.rows, weights, local, {}, cohort=cohort,
                 local_steps=cohort.steps_taken(round_length), encoding=module.encoding, reduce=module.reduce,
                 receivers=cohort.size)
@@ -157,7 +159,8 @@ def communicate(module: FederatedLightningModule, cohort: Cohort, round_length: 
     local_density = module.reduce(  # Σ_i w_i nnz(x̂_i) / d, the clients' density
         torch.zeros((), device=weights.device) if idle else torch.dot(weights.float(), local_nnz.float() / d))
 
-    for k, x in clients.x.items():
+    for k in local:
+        x = clients.x[k]
         x.copy_(rnd.received[k].unsqueeze(0).expand_as(x))
         global_params[k].copy_(rnd.received[k])
     average_buffers(module, cohort)
@@ -169,12 +172,12 @@ def communicate(module: FederatedLightningModule, cohort: Cohort, round_length: 
 
 def average_buffers(module: FederatedLightningModule, cohort: Cohort) -> None:
     """Client model buffers (e.g. BatchNorm statistics) are averaged like the parameters (integer counters:
-    the maximum), and written to every client and to the global model."""
+    the maximum), and written to every client and to the global model; personal buffers stay as they are."""
     if cohort.size == 0:
         return
     clients = module.ensure_clients()
     global_buffers = dict(module.global_model.named_buffers())
-    for k, b in clients.model_buffers.items():
+    for k, b in shared(clients.model_buffers.as_dict(), module.personal_names).items():
         part = cohort.take(b)
         if b.is_floating_point():
             value = module.reduce(torch.tensordot(cohort.weights.to(b.dtype), part, dims=1))
