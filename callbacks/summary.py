@@ -1,7 +1,11 @@
 """``RunSummary``: one line at the end of a fit that says what the run did and what it reached.
 
     fl-lightning: 600 local steps, 115 rounds, 10 clients in 5.8 s (9.7 ms/step) | val/acc 0.950,
-    val/loss 0.207 | uplink 177 Mb, downlink 177 Mb | global density 1.000
+    val/loss 0.207 | clients' acc 0.948 ± 0.031 (p10 0.910, min 0.889) | uplink 177 Mb, downlink 177 Mb |
+    global density 1.000
+
+With client test splits the line shows the spread of the clients' accuracy (``val/client_acc_*``, and the
+personalized models' with ``personalize_steps``).
 
 The figures are the module's ``final_metrics`` (the held-out metrics of the global model and the
 communication counters written when training ends) and the wall-clock time of the training loop
@@ -67,11 +71,26 @@ class RunSummary(Callback):
         shown = [f"{k} {metrics[k]:.3f}" for k in _SHOWN if k in metrics]
         if shown:
             parts.append(", ".join(shown))
+        spread = [_spread(metrics, kind) for kind in ("client", "personal")]
+        parts.extend(text for text in spread if text)
         parts.append(f"uplink {format_bits(metrics.get('comm/bits_up', 0.0))}, "
                      f"downlink {format_bits(metrics.get('comm/bits_down', 0.0))}")
         if keys.DENSITY in metrics:
             parts.append(f"global density {metrics['sparsity/density']:.3f}")
         return " | ".join(parts)
+
+
+def _spread(metrics: dict[str, float], kind: str) -> str | None:
+    """``clients' acc 0.801 ± 0.160 (p10 0.561, min 0.464)``: the spread of the per-client evaluation."""
+    who = "clients'" if kind == "client" else "personalized"
+    mean, std = metrics.get(f"val/{kind}_acc_mean"), metrics.get(f"val/{kind}_acc_std")
+    if mean is not None and std is not None:
+        return (f"{who} acc {mean:.3f} ± {std:.3f} (p10 {metrics[f'val/{kind}_acc_p10']:.3f}, "
+                f"min {metrics[f'val/{kind}_acc_min']:.3f})")
+    loss = metrics.get(f"val/{kind}_loss_mean")
+    if loss is not None and f"val/{kind}_loss_p90" in metrics:
+        return f"{who} loss {loss:.3g} (p90 {metrics[f'val/{kind}_loss_p90']:.3g})"
+    return None
 
 
 def _seconds(seconds: float) -> str:

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from fl_lightning import metric_keys as keys
+
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
     from lightning.pytorch.loggers import WandbLogger
@@ -38,6 +40,7 @@ __all__ = [
     "cli_config",
     "find_wandb_logger",
     "iter_wandb_records",
+    "log_client_histograms",
     "read_wandb_run",
     "run_label",
     "run_name",
@@ -105,6 +108,26 @@ def find_wandb_logger(trainer: Trainer) -> WandbLogger | None:
     from lightning.pytorch.loggers import WandbLogger
 
     return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+def log_client_histograms(trainer: Trainer, vectors: Mapping[str, Any], stage: str, step: int) -> None:
+    """The per-client accuracy (or loss, for regression) vectors of a client evaluation as W&B histograms
+    ``<stage>/client_acc_hist`` (and ``<stage>/personal_acc_hist``), when W&B logs the run (rank 0 only);
+    clients without test data are left out."""
+    logger = find_wandb_logger(trainer)
+    if logger is None or not trainer.is_global_zero:
+        return
+    import wandb
+
+    hists = {}
+    for kind in ("client", "personal"):
+        values = vectors.get(f"{kind}_acc", vectors.get(f"{kind}_loss"))
+        if values is not None:
+            metric = "acc" if f"{kind}_acc" in vectors else "loss"
+            finite = [float(v) for v in values.tolist() if v == v]
+            hists[keys.client_histogram(stage, kind, metric)] = wandb.Histogram(finite)
+    if hists:
+        logger.log_metrics(hists, step=step)
 
 
 def cli_config(trainer: Trainer) -> dict[str, Any] | None:

@@ -26,14 +26,30 @@ LAYER_DENSITY_PREFIX = "sparsity/layer/"  #: + parameter name: one tensor of the
 CV_SUM_NORM = "cv/sum_norm"  #: ‖Σ_i w_i h_i‖, 0 for zero-sum control variates (DESIGN §1.2)
 
 # ---------------------------------------------------------------------------------------------- per-client evaluation
-# Statistics over clients of the global model on every client's own test split (issue 12's names); a run
-# logs them only when per-client evaluation is on, and panels over them stay empty otherwise.
-CLIENT_ACC_MEAN = "val/client_acc_mean"
-CLIENT_ACC_STD = "val/client_acc_std"
-CLIENT_ACC_P10 = "val/client_acc_p10"  #: 10th percentile over clients: the worst decile
-CLIENT_ACC_MIN = "val/client_acc_min"
-CLIENT_LOSS_MEAN = "val/client_loss_mean"
+# Statistics over clients (fl_lightning.client_evaluation) of the global model ("client") and of the personalized
+# models ("personal") on every client's own test split, logged when the datamodule has client test splits:
+# ``<stage>/<kind>_<stat>``, stage val or test.
+CLASSIFICATION_STATS: tuple[str, ...] = ("acc_mean", "acc_std", "acc_p10", "acc_min", "loss_mean")
+REGRESSION_STATS: tuple[str, ...] = ("loss_mean", "loss_std", "loss_p90", "loss_max")
+
+
+def client_metric(stage: str, kind: str, stat: str) -> str:
+    """``client_metric("val", "client", "acc_p10") == "val/client_acc_p10"`` (kind: client, personal)."""
+    return f"{stage}/{kind}_{stat}"
+
+
+CLIENT_ACC_MEAN = client_metric("val", "client", "acc_mean")
+CLIENT_ACC_STD = client_metric("val", "client", "acc_std")
+CLIENT_ACC_P10 = client_metric("val", "client", "acc_p10")  #: 10th percentile over clients: the worst decile
+CLIENT_ACC_MIN = client_metric("val", "client", "acc_min")
+CLIENT_LOSS_MEAN = client_metric("val", "client", "loss_mean")
+PERSONAL_ACC_MEAN = client_metric("val", "personal", "acc_mean")  #: after personalize_steps local steps
 CLIENT_ACC_STATS: tuple[str, ...] = (CLIENT_ACC_MEAN, CLIENT_ACC_P10, CLIENT_ACC_MIN)
+
+
+def client_histogram(stage: str, kind: str, metric: str) -> str:
+    """The W&B histogram of the per-client vector: ``val/client_acc_hist``."""
+    return f"{stage}/{kind}_{metric}_hist"
 
 # ---------------------------------------------------------------------------------------------- run config (W&B)
 # ``WandbFederatedMetrics`` stores the preset's ``describe()`` dict as ``wandb.config["algorithm"]``.
@@ -48,13 +64,15 @@ def layer_density(name: str) -> str:
 
 
 #: Metrics that describe the global model after a round; W&B plots them against ``comm/rounds`` by default.
-ROUND_METRICS: tuple[str, ...] = (VAL_ACC, VAL_LOSS, DENSITY, CLIENT_DENSITY, CV_SUM_NORM)
+ROUND_METRICS: tuple[str, ...] = (VAL_ACC, VAL_LOSS, DENSITY, CLIENT_DENSITY, CV_SUM_NORM, *CLIENT_ACC_STATS,
+                                  CLIENT_LOSS_MEAN)
 #: The x-axes, logged in the same rows as every per-step metric.
 AXES: tuple[str, ...] = (ROUNDS, BITS_UP, BITS_DOWN)
 
 __all__ = [
-    "AXES", "BITS_DOWN", "BITS_UP", "CLIENT_ACC_MEAN", "CLIENT_ACC_MIN", "CLIENT_ACC_P10", "CLIENT_ACC_STATS",
-    "CLIENT_ACC_STD", "CLIENT_DENSITY", "CLIENT_LOSS_MEAN", "CONFIG_DENSITY", "CONFIG_P", "CONFIG_PRESET",
-    "CV_SUM_NORM", "DENSITY", "LAYER_DENSITY_PREFIX", "ROUNDS", "ROUND_METRICS", "TRAIN_LOSS", "VAL_ACC",
-    "VAL_LOSS", "layer_density",
+    "AXES", "BITS_DOWN", "BITS_UP", "CLASSIFICATION_STATS", "CLIENT_ACC_MEAN", "CLIENT_ACC_MIN", "CLIENT_ACC_P10",
+    "CLIENT_ACC_STATS", "CLIENT_ACC_STD", "CLIENT_DENSITY", "CLIENT_LOSS_MEAN", "CONFIG_DENSITY", "CONFIG_P",
+    "CONFIG_PRESET", "CV_SUM_NORM", "DENSITY", "LAYER_DENSITY_PREFIX", "PERSONAL_ACC_MEAN", "REGRESSION_STATS",
+    "ROUNDS", "ROUND_METRICS", "TRAIN_LOSS", "VAL_ACC", "VAL_LOSS", "client_histogram", "client_metric",
+    "layer_density",
 ]

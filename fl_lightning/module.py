@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerStatus
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 import fl_lightning.strategy  # noqa: F401  (registers Trainer(strategy="federated_ddp"))
@@ -26,12 +26,14 @@ from fl_lightning.algorithms import algorithm_class_of, resolve_algorithm
 from fl_lightning.callbacks.base import FederatedCallback
 from fl_lightning.callbacks.divergence import DivergenceError
 from fl_lightning.callbacks.schedule import SkipSchedule, communication_schedule
+from fl_lightning.client_evaluation import ClientEvaluation
 from fl_lightning.clients import ClientState, TensorGroup, select_rows
 from fl_lightning.cohort import Cohort, make_cohort
 from fl_lightning.comm import CommCounter, Encoding
 from fl_lightning.evaluation import GlobalEvaluation, as_model_input, warn_if_untrained
 from fl_lightning.hparams import check_module_args, given_init_config, to_plain
 from fl_lightning.local_step import HeldRows, LocalStep, Vectorize
+from fl_lightning.loggers import log_client_histograms
 from fl_lightning.losses import LossCallable, resolve_loss
 from fl_lightning.objective import LocalObjective
 from fl_lightning.ops import density
@@ -42,6 +44,7 @@ from fl_lightning.optim import (
     optimizer_class,
     split_spec,
 )
+from fl_lightning.personal import personal_names
 from fl_lightning.round import Tensors, communicate
 from fl_lightning.step_metrics import StepMetrics
 
@@ -78,6 +81,13 @@ class FederatedLightningModule(LightningModule):
         check_finite: stop training with a :class:`~fl_lightning.callbacks.DivergenceError` when the loss is
             NaN/Inf, checked at every logging step and round and before every checkpoint (one host
             synchronisation each; :class:`~fl_lightning.callbacks.DivergenceGuard` also checks the weights).
+        personal_params: glob patterns over the client model's parameter (and buffer) names, e.g. ``["head.*"]``:
+            those stay on every client, never sent or averaged (FedPer's heads, FedBN's normalisation layers;
+            :mod:`fl_lightning.personal`).
+        personalize_steps: with client test splits (the datamodule's ``client_test_fraction``), also evaluate
+            every client's model after this many local SGD steps from the global model on its own data
+            (``val/personal_acc_*``; :mod:`fl_lightning.client_evaluation`). The global model's per-client
+            metrics (``val/client_acc_*``) are logged whenever the datamodule has client test splits.
 
     Hyper-parameters are saved as plain Python values: the preset as ``{"class_path", "init_args"}``
     (:meth:`~fl_lightning.algorithms.Algorithm.spec`), and the client model's config when LightningCLI built
@@ -89,7 +99,8 @@ class FederatedLightningModule(LightningModule):
                  vectorize: Vectorize = "auto", clients_per_chunk: int | None = None,
                  algorithm: Algorithm | None = None, momentum: float = 0.0, weight_decay: float = 0.0,
                  encoding: Encoding = "auto", eval_every: int | None = None, num_clients: int | None = None,
-                 optimizer: OptimizerSpec | None = None, check_finite: bool = True) -> None:
+                 optimizer: OptimizerSpec | None = None, check_finite: bool = True,
+                 personal_params: list[str] | None = None, personalize_steps: int = 0) -> None:
         super().__init__()
         if not isinstance(client_model, nn.Module):
             raise TypeError(f"client_model must be an nn.Module, got {type(client_model).__name__}")
@@ -123,6 +134,9 @@ class FederatedLightningModule(LightningModule):
         self.objective = LocalObjective(self.global_model, self.loss_fn)
         self.local_step = LocalStep(self.objective, vectorize, clients_per_chunk)
         self.evaluation = GlobalEvaluation(self.global_model, self.objective, self.loss_fn)
+        self.personal_names = personal_names(self.global_model, personal_params)
+        self.client_evaluation = ClientEvaluation(self.objective, self.loss_fn, personalize_steps, clients_per_chunk)
+        self.client_metrics: dict[str, Tensor] = {}  # per-client vectors [n] of the latest client evaluation
         self.clients: ClientState | None = None
         self.server_state = nn.ModuleDict()  # add_server_state: SCAFFOLD's c, a server optimizer's moments
         self.comm = CommCounter()
@@ -268,6 +282,10 @@ class FederatedLightningModule(LightningModule):
         if self.loss_fn is not None and self.loss_fn.task == "classification" and dm.num_classes is None:
             raise ValueError("loss='cross_entropy' needs a classification dataset (integer labels)")
         self.local_step.choose_path(self.global_model, dm.padded)
+        if self.personal_names and stage == "fit" and not dm.has_client_test_data:
+            rank_zero_warn("personal_params keep parts of the model on the clients: the central test split sees the "
+                           "global model with its initial personal parameters. Give the datamodule client test "
+                           "splits (--data.client_test_fraction 0.2) to evaluate every client's own model")
 
     def on_train_start(self) -> None:
         # Lightning restores a checkpoint after ``setup``: the datamodule's partition (so w_i) and the round
@@ -369,6 +387,7 @@ class FederatedLightningModule(LightningModule):
         self.round_metrics[keys.CLIENT_DENSITY] = rnd.client_density
         if self.eval_every is not None and self.round_index % self.eval_every == 0:
             self.round_metrics.update(self.evaluate_global())
+            self.round_metrics.update(self.evaluate_clients())
 
     def assert_finite(self, context: str = "") -> None:
         """Raise :class:`~fl_lightning.callbacks.DivergenceError` if a training loss since the last check was
@@ -391,6 +410,7 @@ class FederatedLightningModule(LightningModule):
         metrics = self._step_metrics.counters(self)
         if self._datamodule().has_eval_data:
             metrics.update(self.evaluate_global())
+        metrics.update(self.evaluate_clients())
         values = {k: float(v) for k, v in metrics.items()}
         self.final_metrics = values
         for logger in self.loggers:
@@ -418,6 +438,19 @@ class FederatedLightningModule(LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.global_model(as_model_input(self.global_model, x))
 
+    def on_validation_epoch_end(self) -> None:
+        """``val/client_*`` (and ``val/personal_*``) with the held-out metrics, when there are client test splits."""
+        self._log_client_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        """``test/client_*`` (and ``test/personal_*``), when there are client test splits."""
+        self._log_client_metrics("test")
+
+    def _log_client_metrics(self, stage: str) -> None:
+        metrics = self.evaluate_clients(stage=stage)
+        if metrics:
+            self.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=False)
+
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == "validate":
             warn_if_untrained(self)
@@ -432,6 +465,18 @@ class FederatedLightningModule(LightningModule):
         """Loss (and accuracy) of the global model on the held-out split of ``datamodule`` (default: the
         Trainer's)."""
         return self.evaluation.over(datamodule if datamodule is not None else self._datamodule(), self.device)
+
+    def evaluate_clients(self, datamodule: FederatedDataModule | None = None, stage: str = "val") -> dict[str, Tensor]:
+        """Statistics over clients of the global model (and of the personalized models) on every client's own
+        test split (:mod:`fl_lightning.client_evaluation`); the per-client vectors go to ``client_metrics`` (and
+        to W&B as histograms). Empty when the datamodule has no client test splits."""
+        dm = datamodule if datamodule is not None else self._datamodule()
+        if not dm.has_client_test_data:
+            return {}
+        metrics, self.client_metrics = self.client_evaluation.run(self, dm, stage)
+        if self._trainer is not None:
+            log_client_histograms(self.trainer, self.client_metrics, stage, max(self.global_step - 1, 0))
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -147,6 +147,17 @@ class LocalObjective:
         with FeatureMajorLinear(), self.recording():  # contiguous nn.Linear weight gradients (no copy)
             return fn(dict(params), dict(buffers), batch.inputs, batch.targets, batch.mask)
 
+    def outputs(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], inputs: Tensor) -> Tensor:
+        """The client model's outputs ``[c, B, ...]`` for stacked ``params`` and ``inputs`` [c, B, ...] (the
+        forward of the stacked fast path when the model has one, else one vmapped ``functional_call``)."""
+        if self._stacked is not None and not buffers and self._stacked.accepts(inputs):
+            return self._stacked(params, inputs)
+
+        def forward(p: Mapping[str, Tensor], b: Mapping[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(self.template, (dict(p), dict(b)), (x,))
+
+        return vmap(forward, randomness="different")(dict(params), dict(buffers), inputs)
+
     def single(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,
                y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """f_i for one client's unpadded batch (the sequential path)."""

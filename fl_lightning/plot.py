@@ -10,6 +10,9 @@ Runs are overlaid in three panels:
    runs differ by orders of magnitude), ticks labelled ``100 kb``, ``1 Mb``, ...,
 3. the density of the global model (``sparsity/density``) against communication rounds.
 
+With client test splits (``val/client_acc_mean`` logged), panels 1 and 2 also shade every run's clients'
+accuracy, mean ± std over clients, behind its global accuracy: the spread the central test set hides.
+
 The legend says each run's algorithm, density and p (``sparse_proxskip δ=0.1 p=0.2``), read from the
 ``algorithm`` entry of ``hparams.yaml`` or, failing that, from the LightningCLI ``config.yaml`` next to it.
 
@@ -178,6 +181,22 @@ def _choose_y(runs: list[Run]) -> str:
     raise ValueError(f"none of {Y_METRICS} was logged in {[str(r.path) for r in runs]}")
 
 
+def _client_band(ax: Any, run: Run, x: str, color: str, *, log_x: bool) -> None:
+    """Shade mean ± std of the clients' accuracy (``val/client_acc_mean`` / ``_std``) against ``x``."""
+    if keys.CLIENT_ACC_MEAN not in run.metrics or keys.CLIENT_ACC_STD not in run.metrics:
+        return
+    xs, mean = series(run.metrics, x, keys.CLIENT_ACC_MEAN)
+    xs_std, std = series(run.metrics, x, keys.CLIENT_ACC_STD)  # logged in the same rows
+    if len(xs) == 0 or len(xs_std) != len(xs):
+        return
+    keep = np.ones(len(xs), dtype=bool)
+    keep[1:] = (mean[1:] != mean[:-1]) | (std[1:] != std[:-1])  # an evaluation's first row (see series)
+    if log_x:
+        keep &= xs > 0
+    ax.fill_between(xs[keep], (mean - std)[keep], np.minimum(1.0, mean + std)[keep], color=color, alpha=0.15,
+                    linewidth=0, label=f"{run.label}: clients' acc ± std")
+
+
 def plot_runs(paths: Sequence[str | Path] | str | Path, out: str | Path | None = None, *,
               labels: Sequence[str] | None = None, title: str | None = None,
               bits_scale: Literal["log", "linear"] = "log") -> Figure:
@@ -214,6 +233,10 @@ def plot_runs(paths: Sequence[str | Path] | str | Path, out: str | Path | None =
                 ax.plot(xs, ys, label=run.label, color=colors[i % len(colors)],
                         linestyle=_LINESTYLES[i % len(_LINESTYLES)],  # equal curves (density) stay visible
                         marker="o" if len(xs) < 30 else None, markersize=3)
+    if y == keys.VAL_ACC:
+        for i, run in enumerate(runs):
+            for ax, x, _ in panels[:2]:
+                _client_band(ax, run, x, colors[i % len(colors)], log_x=x == keys.BITS_UP and bits_scale == "log")
     for ax, x, metric in panels:
         ax.set_xlabel(_AXIS_LABELS.get(x, x))
         ax.set_ylabel(_AXIS_LABELS.get(metric, metric))

@@ -77,6 +77,7 @@ def two_process_runs(single: Path, two: Path) -> list[dict[str, Any]]:
         {**base, "name": "fedavg_cohort", "preset": "fedavg_cohort", "momentum": 0.5},
         {**base, "name": "fedavg_cohort_topk", "preset": "fedavg_cohort_topk", "momentum": 0.5},
         *[{**base, "name": name, "preset": name} for name in ROUND_ENGINE_RUNS],
+        {**base, "name": "personal", "preset": "fedavg_cohort", "personal": True},
         {**base, **PROXSKIP, "name": "seed_mismatch", "seed_offset_per_rank": 1},
         {**base, "name": "logging_client", "preset": "proxskip", "client": "lightning", "steps": 8},
         {**base, "name": "logging_client_cohort", "preset": "fedavg_cohort", "client": "lightning", "steps": 8},
@@ -98,7 +99,7 @@ def cli_args(out: Path, strategy: bool) -> list[str]:
 
 
 TWO_PROCESS_RUNS = ["proxskip", "proxskip_resumed", "proxskip_from_one", "sparse_proxskip", "proxskip_float32",
-                    "proxskip_num_clients_at_init", "fedavg_cohort", "fedavg_cohort_topk", "cli"]
+                    "proxskip_num_clients_at_init", "fedavg_cohort", "fedavg_cohort_topk", "personal", "cli"]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -159,6 +160,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         {**base, "name": "logging_client", "preset": "proxskip", "client": "lightning", "steps": 8},
         {**base, "name": "logging_client_cohort", "preset": "fedavg_cohort", "client": "lightning", "steps": 8},
         *[{**base, "name": name, "preset": name} for name in ROUND_ENGINE_RUNS],
+        {**base, "name": "personal", "preset": "fedavg_cohort", "personal": True},
     ]:
         fl_run.run(spec)
     fl_run.run_cli({"name": "cli", "out": str(single), "cli": cli_args(single, strategy=False)})
@@ -303,6 +305,22 @@ def test_baselines_on_two_processes_equal_one_process(runs: dict[str, Path], nam
     assert_same_run(two, one)
     if name != "fednova_work":  # FedNova keeps no server state
         assert_close(two["state"], one["state"], "server_state.", rtol=RTOL_FLOAT64)
+
+
+@pytest.mark.slow
+def test_personal_parameters_and_client_metrics_on_two_processes_equal_one_process(runs: dict[str, Path]) -> None:
+    """A personal head with a cohort of one (a rank without participants), personalized evaluation and client test
+    splits sharded over the ranks: the same clients, heads and per-client vectors as on one process."""
+    one, two = load(runs["one"] / "personal.pt"), load(runs["two"] / "personal.pt")
+    assert two["world_size"] == 2
+    assert_same_run(two, one)
+    heads = one["state"]["clients.x.2__weight"]
+    assert not torch.allclose(heads[0], heads[1]), "every client keeps its own head"
+    assert_metrics_close(two["final_metrics"], one["final_metrics"])
+    assert "val/personal_loss_mean" in one["final_metrics"]
+    for key, vector in one["client_metrics"].items():
+        torch.testing.assert_close(two["client_metrics"][key], vector, rtol=RTOL, atol=0, equal_nan=True)
+    assert torch.isnan(one["client_metrics"]["client_loss"][-1]), "the client without test data is reported as NaN"
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ own client ids. Options: ``ckpt_every`` (a ModelCheckpoint every k steps), ``res
 ``log`` (CSV logs, validation every epoch and ``trainer.validate`` at the end), ``momentum``, ``dtype``
 (``float64`` by default), ``num_clients_at_init`` (allocate the clients in the module's constructor, before
 the ranks are known), ``client: "lightning"`` (a LightningModule client model that logs ``mse``),
-``seed_offset_per_rank`` (give every rank another schedule seed; the run must fail,
+``personal`` (a personal head, ``personalize_steps``, client test splits), ``seed_offset_per_rank`` (give every rank
+another schedule seed; the run must fail,
 and rank 0 writes the error to ``<out>/<name>.err``). Under torchrun the collectives time out after
 ``COLLECTIVE_TIMEOUT_S``, so ranks that wait in different collectives fail instead of hanging.
 
@@ -110,9 +111,15 @@ def build(spec: dict[str, Any]) -> tuple[FederatedLightningModule, FederatedData
         module = FederatedLightningModule(LoggingClient(dtype), lr=0.05)
     else:
         model = nn.Sequential(nn.Linear(DIM, 5), nn.Tanh(), nn.Linear(5, 1)).to(dtype)
+        personal = {"personal_params": ["2.*"], "personalize_steps": 2} if spec.get("personal") else {}
         module = FederatedLightningModule(model, lr=0.05, loss="mse", momentum=spec.get("momentum", 0.0),
-                                          num_clients=len(clients) if spec.get("num_clients_at_init") else None)
-    dm = FederatedDataModule.from_client_tensors(clients, test=test, batch_size=BATCH, seed=SEED)
+                                          num_clients=len(clients) if spec.get("num_clients_at_init") else None,
+                                          **personal)
+    # "personal": a personal head, personalized evaluation, and client test splits (the last client has none)
+    client_test = [(x[:3], y[:3]) for x, y in clients[:-1]] + [(clients[-1][0][:0], clients[-1][1][:0])] \
+        if spec.get("personal") else None
+    dm = FederatedDataModule.from_client_tensors(clients, test=test, batch_size=BATCH, seed=SEED,
+                                                 client_test=client_test)
     seed = 11 + spec.get("seed_offset_per_rank", 0) * int(os.environ.get("RANK", "0"))
     return module, dm, presets(seed)[spec["preset"]]()
 
@@ -271,6 +278,8 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
         "round_index": module.round_index,
         "world_size": trainer.world_size,
         "local_clients": module.client_ids.tolist(),
+        "final_metrics": dict(module.final_metrics),
+        "client_metrics": dict(module.client_metrics),
         **recorder.as_dict(),
     }
     shared = {**_shared(trainer, module), **recorder.as_dict()}
