@@ -371,6 +371,20 @@ def test_personal_buffers_stay_local_too() -> None:
                                             "1.num_batches_tracked"}
 
 
+def test_fedbn_keeps_normalisation_statistics_on_the_clients() -> None:
+    """BatchNorm in training mode runs the sequential client loop; evaluation (eval mode) still runs batched."""
+    dm = FederatedDataModule("digits", num_clients=4, client_test_fraction=0.2, batch_size=8, seed=0)
+    L.seed_everything(0)
+    net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    module = fit(FederatedLightningModule(net, lr=0.1, loss="cross_entropy", algorithm=FedAvg(local_steps=2),
+                                          personal_params=["1.*"], personalize_steps=2), dm, 6)
+    assert module.vectorized is False
+    stats = module.clients.model_buffers["1.running_mean"]
+    assert not torch.allclose(stats[0], stats[1]), "each client's own statistics, not averaged"
+    assert torch.equal(module.global_model[1].running_mean, torch.zeros(16))
+    assert {"val/client_acc_mean", "val/personal_acc_mean"} <= module.final_metrics.keys()
+
+
 @pytest.mark.parametrize("steps", [-1, 1.5, True])
 def test_invalid_personalize_steps_are_refused(steps) -> None:
     with pytest.raises(ValueError, match="personalize_steps"):
