@@ -182,7 +182,7 @@ class ProxSkip(Algorithm):
     x̂_i = x_i − γ (∇f_i(x_i) − h_i);  with probability p:  x̄ = Σ_i w_i (x̂_i − (γ/p) h_i),
     h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← x̄;  otherwise x_i ← x̂_i.
 
-    ``mode="fixed"`` uses exactly k = round(1/p) local steps per round (and p = 1/k).
+    ``mode="fixed"`` uses exactly k = 1/p local steps per round; 1/p must then be an integer (p = 0.4 is refused).
     """
 
     p: float = 0.2
@@ -196,8 +196,8 @@ class ProxSkip(Algorithm):
 
 @dataclass(frozen=True)
 class _Sparse(Algorithm):
-    """Shared hyper-parameters of the TopK presets. ``mode="fixed"`` (k = 1/p local steps per round)
-    is the seed paper's setting; ``bernoulli`` gives ProxSkip's random rounds."""
+    """Shared hyper-parameters of the TopK presets. ``mode="fixed"`` (k = 1/p local steps per round, so p = 1/k
+    for an integer k) is the seed paper's setting; ``bernoulli`` gives ProxSkip's random rounds, for any p."""
 
     p: float = 0.2
     mode: ScheduleMode = "fixed"
