@@ -202,6 +202,69 @@ def test_randprox_l1_converges_to_the_lasso_minimiser() -> None:
     assert err < 1e-10
 
 
+def ista(clients, lam: float, L: float, iters: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The minimiser of f + λ‖·‖₁ (f = mean_i f_i) by centralised proximal gradient, float64, and ∇f there."""
+    n, d = len(clients), clients[0][0].shape[1]
+    A = torch.cat([a / math.sqrt(len(b)) for a, b in clients])
+    b = torch.cat([y / math.sqrt(len(y)) for _, y in clients])
+
+    def grad(x: torch.Tensor) -> torch.Tensor:
+        return 2.0 / n * A.T @ (A @ x - b)
+
+    x = torch.zeros(d, dtype=torch.float64)
+    for _ in range(iters):
+        x = soft_threshold(x - grad(x) / L, lam / L)
+    return x, grad(x)
+
+
+class UplinkLog(FederatedCallback):
+    """What the clients send in every round (after any compression), and whether it is the prox output x̂_i."""
+
+    def __init__(self) -> None:
+        self.sent: list[torch.Tensor] = []
+        self.is_local: list[bool] = []
+
+    def on_compress_uplink(self, trainer, module, rnd) -> None:
+        self.sent.append(rnd.uplink["weight"].detach().clone())
+        self.is_local.append(rnd.uplink["weight"] is rnd.local["weight"])
+
+
+def test_randprox_l1_reports_the_sparsity_of_its_solution_and_bills_the_sparse_prox_outputs_it_sends() -> None:
+    """float32, a lasso whose minimiser has 10 zeros out of 30. Clients send the prox output x̂_i (exact zeros off
+    its support) and x̄ = Σ_i w_i x̂_i keeps those zeros, so ``sparsity/density`` is the model's nnz fraction (it
+    read 1.000 with the shifted uplink, whose (γ/p)Σ_i w_i h_i left ~1.5e-8 residues there) and the uplink costs
+    the sparse encoding of each x̂_i (it was billed ~dense, 1,342,422 of 1,344,000 bits)."""
+    clients64 = sparse_regression(n=5, d=30, m=40, seed=0)
+    L, lam = smoothness(clients64), 2.0
+    x_star, grad = ista(clients64, lam, L)
+    support = x_star != 0
+    # a robust support: every zero of x* has |∇f_j| ≤ λ − 0.02, every non-zero |x*_j| ≥ 0.02, far above float32's
+    # 1e-6 error, so the float32 run must find exactly this support
+    assert int((~support).sum()) == 10
+    assert (lam - grad[~support].abs()).min() > 0.02 and x_star[support].abs().min() > 0.02
+    clients = [(A.float(), b.float()) for A, b in clients64]
+    model = nn.Linear(30, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    dm = FederatedDataModule.from_client_tensors(clients, batch_size=None, seed=0)
+    module = FederatedLightningModule(model, lr=1.0 / L, loss="mse")
+    log = UplinkLog()
+    make_trainer(1000, [*randprox_l1(p=0.3, lam=lam, seed=1), log]).fit(module, datamodule=dm)
+    w = module.global_model.weight[0]
+    assert module.round_index == len(log.sent) > 200
+    torch.testing.assert_close(w.double(), x_star, rtol=0, atol=1e-4)  # float32 of a converged run
+    assert torch.equal(w != 0, support)  # exact zeros where the solution is zero, none elsewhere
+    reported = float(module.round_metrics[keys.DENSITY])
+    assert reported == float((w != 0).float().mean())  # the same float32 nnz/d
+    assert reported == pytest.approx(20 / 30, rel=1e-7)  # 2/3 rounded to float32
+    # the uplink: x̂_i itself, billed at the cheapest encoding of its non-zeros (DESIGN §2.4), d = 30 → 5 index bits
+    assert all(log.is_local)
+    nnz = torch.stack([(u != 0).sum(dim=(1, 2)) for u in log.sent]).double()  # [rounds, clients]
+    by_hand = torch.minimum(torch.minimum(torch.full_like(nnz, 32.0 * 30), nnz * (32 + 5)), 30 + 32 * nnz)
+    assert float(module.comm.bits_up) == float(by_hand.sum())
+    assert torch.equal(nnz[-1], torch.full((5,), 20.0, dtype=torch.float64))  # at the end: the solution's support
+    assert float(module.comm.bits_up) < 0.75 * len(log.sent) * 5 * 32 * 30  # measured 0.70 of dense
+
+
 def test_sparse_proxskip_uplink_is_the_sparse_encoding_of_k_entries() -> None:
     clients = sparse_regression(n=10, d=100)
     gamma = 0.5 / smoothness(clients)
@@ -241,7 +304,7 @@ def _describe(callbacks: list) -> dict[str, object]:
                                                     "topk": ("forward", "round")}),
     (server_pruning(), {"schedule": "fixed", "r": "broadcast", "uplink": "shifted", "topk": ("server",)}),
     (server_pruning_modified(), {"schedule": "fixed", "r": "mean", "uplink": "shifted", "topk": ("server",)}),
-    (randprox_l1(), {"schedule": "bernoulli", "r": "mean", "uplink": "shifted", "prox": "l1"}),
+    (randprox_l1(), {"schedule": "bernoulli", "r": "mean", "uplink": "local", "prox": "l1"}),
     (fedcomloc(variant="local"), {"schedule": "fixed", "r": "mean", "uplink": "shifted", "topk": ("forward",)}),
     (fedcomloc(variant="local", method="quantize"), {"schedule": "fixed", "r": "mean", "uplink": "shifted",
                                                      "compress": ("forward", "quantize")}),
