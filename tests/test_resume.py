@@ -55,6 +55,7 @@ PRESETS: dict[str, Callable[[], list[Callback]]] = {
     "server_pruning": lambda: server_pruning(p=0.3, mode="geometric", density=0.5),
     "randprox_l1": lambda: randprox_l1(p=0.3, lam=0.05),
     "fedcomloc_quantize": lambda: fedcomloc(p=0.3, mode="bernoulli", variant="com", method="quantize", bits=2),
+    "fedcomloc_local": lambda: fedcomloc(p=0.25, variant="local", density=0.5),  # evaluated as TopK(x), x dense
 }
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from fl_lightning import FederatedDataModule, FederatedLightningModule
 from fl_lightning import metric_keys as keys
 from fl_lightning.algorithms import (
+    FedComLoc,
     fedavg,
     fedcomloc,
     proxskip,
@@ -263,6 +264,45 @@ def test_randprox_l1_reports_the_sparsity_of_its_solution_and_bills_the_sparse_p
     assert float(module.comm.bits_up) == float(by_hand.sum())
     assert torch.equal(nnz[-1], torch.full((5,), 20.0, dtype=torch.float64))  # at the end: the solution's support
     assert float(module.comm.bits_up) < 0.75 * len(log.sent) * 5 * 32 * 30  # measured 0.70 of dense
+
+
+def test_fedcomloc_local_evaluates_and_reports_the_pruned_model_clients_compute_with_while_keeping_x_dense() -> None:
+    """FedComLoc-Local: clients compute with TopK(x_i) and update the dense x_i (STE), so after a round they all start
+    from the dense x̄ and compute with TopK(x̄). The global model (what checkpoints hold and runs resume from) stays
+    x̄; validation, ``evaluate_global``, predict and ``sparsity/density`` use TopK(x̄). Before, they used the dense x̄:
+    density 1.0 and the dense model's loss, a model no client ever ran."""
+    clients = sparse_regression(n=5, d=30)
+    test = (torch.cat([A for A, _ in clients]), torch.cat([b for _, b in clients]))
+    model = nn.Linear(30, 1).double()
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    dm = FederatedDataModule.from_client_tensors(clients, test=test, batch_size=None, seed=0)
+    algorithm = FedComLoc(variant="local", density=0.2, p=0.25)
+    module = FederatedLightningModule(model, lr=0.5 / smoothness(clients), loss="mse", algorithm=algorithm)
+    make_trainer(200, []).fit(module, datamodule=dm)
+    x = dict(module.global_model.named_parameters())
+    assert module.round_index == 50 and int((x["weight"] != 0).sum()) == 30  # x̄ itself is dense
+    assert all(torch.equal(module.clients.x[k][i], x[k]) for k in x for i in range(5))  # clients start from x̄
+    pruned = topk({"weight": x["weight"]}, 0.2, stacked=False)["weight"]  # TopK_δ of the weights, ⌈0.2·30⌉ = 6
+    evaluated = dict(module.evaluated_model.named_parameters())
+    assert torch.equal(evaluated["weight"], pruned) and torch.equal(evaluated["bias"], x["bias"])
+    assert float(module.round_metrics[keys.DENSITY]) == pytest.approx((6 + 1) / 31, rel=1e-7)  # weights + bias
+
+    def mse(w: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((test[0] @ w[0] + b - test[1]) ** 2).mean())
+
+    sparse_loss, dense_loss = mse(pruned, x["bias"]), mse(x["weight"], x["bias"])
+    # trained through TopK, the dense x̄ is not what fits: measured 326 (TopK(x̄)) against 1159 (x̄), so the checks
+    # below tell the two apart by far
+    assert dense_loss > 2 * sparse_loss, (dense_loss, sparse_loss)
+    # the metrics accumulate in float32 (a float64 model's loss rounded once): 1e-6 relative
+    assert float(module.evaluate_global()[keys.VAL_LOSS]) == pytest.approx(sparse_loss, rel=1e-6)
+    validated = make_trainer(0, [], limit_val_batches=1.0).validate(module, datamodule=dm, verbose=False)[0]
+    assert validated[keys.VAL_LOSS] == pytest.approx(sparse_loss, rel=1e-6)
+    # the checkpoint's state is the dense global model, under the keys it always had (no copy of the evaluated one)
+    state = module.state_dict()
+    assert torch.equal(state["global_model.weight"], x["weight"])
+    assert not any(k.startswith("evaluation.") and "weight" in k for k in state), sorted(state)
 
 
 def test_sparse_proxskip_uplink_is_the_sparse_encoding_of_k_entries() -> None:
