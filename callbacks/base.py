@@ -9,6 +9,10 @@ local step (every ``training_step``)
     Lightning's ``on_before_optimizer_step``   (e.g. shift the gradient by −h_i)
     ``on_local_step_end``       after the SGD step, before the coin (e.g. TopK "step 7", a prox)
 
+evaluation (validation, test, predict, ``sparsity/density``)
+    ``transform_evaluated_params``   the weights the global model x is evaluated with: what clients compute with
+                                when they start from x (e.g. TopK(x) through an STE); x itself by default
+
 communication round (when the schedule's coin says so), see :class:`~fl_lightning.round.Round`
     ``on_before_uplink``        last change to the local models x̂_i (``rnd.local``, e.g. TopK them)
     ``on_uplink``               form u_i from a copy of x̂_i (e.g. x̂_i − (γ/p) h_i)
@@ -42,6 +46,13 @@ class FederatedCallback(Callback):
 
     def transform_params(self, trainer: Trainer, module: FederatedLightningModule, params: Tensors) -> Tensors:
         """Return the parameters the forward pass and the gradient use, given the stacked x_i ([c, ...])."""
+        return params
+
+    def transform_evaluated_params(self, trainer: Trainer | None, module: FederatedLightningModule,
+                                   params: Tensors) -> Tensors:
+        """Return the parameters the global model is evaluated and its density reported with, given the global
+        model's x (one model, not stacked): the model clients compute with when they start from x. A callback
+        whose ``transform_params`` changes what the forward pass uses should give the same change here."""
         return params
 
     def on_local_step_end(self, trainer: Trainer, module: FederatedLightningModule) -> None:

@@ -182,7 +182,7 @@ class ProxSkip(Algorithm):
     x̂_i = x_i − γ (∇f_i(x_i) − h_i);  with probability p:  x̄ = Σ_i w_i (x̂_i − (γ/p) h_i),
     h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← x̄;  otherwise x_i ← x̂_i.
 
-    ``mode="fixed"`` uses exactly k = round(1/p) local steps per round (and p = 1/k).
+    ``mode="fixed"`` uses exactly k = 1/p local steps per round; 1/p must then be an integer (p = 0.4 is refused).
     """
 
     p: float = 0.2
@@ -196,8 +196,8 @@ class ProxSkip(Algorithm):
 
 @dataclass(frozen=True)
 class _Sparse(Algorithm):
-    """Shared hyper-parameters of the TopK presets. ``mode="fixed"`` (k = 1/p local steps per round)
-    is the seed paper's setting; ``bernoulli`` gives ProxSkip's random rounds."""
+    """Shared hyper-parameters of the TopK presets. ``mode="fixed"`` (k = 1/p local steps per round, so p = 1/k
+    for an integer k) is the seed paper's setting; ``bernoulli`` gives ProxSkip's random rounds, for any p."""
 
     p: float = 0.2
     mode: ScheduleMode = "fixed"
@@ -293,12 +293,16 @@ class RandProxL1(Algorithm):
     """ProxSkip with the ℓ1 prox at the clients (RandProx, Condat & Richtárik): solves min f(x) + λ‖x‖₁.
 
     x̂_i = prox_{γλ‖·‖₁}(x_i − γ (∇f_i(x_i) − h_i))   (soft-thresholding, after every local step)
-    with probability p:  x̄ = Σ_i w_i (x̂_i − (γ/p) h_i),  h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← x̄
+    with probability p:  x̄ = Σ_i w_i x̂_i,  h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← x̄
 
     Zero-sum control variates make the fixed point the exact minimiser of f + λ‖·‖₁ (see
     :class:`~fl_lightning.callbacks.L1Prox`). The prox acts on ``params`` (weights by default); λ is a
-    penalty weight, not a density target. The uplink is the dense shifted form of DESIGN §1.2.
-    Callbacks: SkipSchedule, ControlVariates(reference="mean"), L1Prox(lam).
+    penalty weight, not a density target. Uplink: as in :class:`SparseProxSkip`, Σ_i w_i h_i = 0 makes DESIGN §1.2's
+    x̄ = Σ_i w_i (x̂_i − (γ/p) h_i) equal Σ_i w_i x̂_i, so clients send the prox output x̂_i
+    (``ControlVariates(uplink="local")``), exactly zero off its support, and the uplink is billed at its sparse
+    encoding. (The shifted form sends the same x̄ as a dense message, and leaves float rounding residues of
+    (γ/p) Σ_i w_i h_i, ~1e-8 in float32, where the solution is zero: the global model then reads density 1.)
+    Callbacks: SkipSchedule, ControlVariates(reference="mean", uplink="local"), L1Prox(lam).
     """
 
     p: float = 0.2
@@ -308,8 +312,8 @@ class RandProxL1(Algorithm):
     seed: int | None = None
 
     def callbacks(self) -> list[Callback]:
-        return [SkipSchedule(p=self.p, mode=self.mode, seed=self.seed), ControlVariates(reference="mean"),
-                L1Prox(self.lam, params=self.params)]
+        return [SkipSchedule(p=self.p, mode=self.mode, seed=self.seed),
+                ControlVariates(reference="mean", uplink="local"), L1Prox(self.lam, params=self.params)]
 
 
 @register_algorithm("fedcomloc")

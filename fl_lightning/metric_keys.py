@@ -18,7 +18,8 @@ BITS_UP = "comm/bits_up"  #: uplink bits so far, all clients together (DESIGN §
 BITS_DOWN = "comm/bits_down"  #: downlink bits so far
 
 # ---------------------------------------------------------------------------------------------- sparsity
-DENSITY = "sparsity/density"  #: fraction of non-zeros of the global model after the round
+DENSITY = "sparsity/density"  #: fraction of non-zeros of the global model after the round, as evaluated (TopK(x)
+#: for FedComLoc-Local, whose clients compute with TopK of the dense x: ``module.evaluated_params()``)
 CLIENT_DENSITY = "sparsity/client_density"  #: the same for the clients' x̂_i, averaged over the cohort
 LAYER_DENSITY_PREFIX = "sparsity/layer/"  #: + parameter name: one tensor of the global model (LayerDensity)
 
