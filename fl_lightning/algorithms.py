@@ -461,8 +461,9 @@ class DPFedAvg(_Rounds):
     computed by dp-accounting (``accountant`` ``rdp`` or ``pld``) after every round, logged as ``privacy/epsilon``
     and left in ``module.final_metrics``; ``target_epsilon`` stops training before a round would exceed it.
     ``noise="local"`` noises each clipped update instead; ``target_quantile`` turns on adaptive clipping
-    (Andrew et al. 2021). Uniform client weights only. Callbacks: SkipSchedule(k, fixed) (+ ClientSampling(mode)),
-    DifferentialPrivacy. What the guarantee covers: docs/privacy.md.
+    (Andrew et al. 2021; ``count_noise`` σ_b of its noisy count, default D/20). Uniform client weights only.
+    Callbacks: SkipSchedule(k, fixed) (+ ClientSampling(mode)), DifferentialPrivacy. What the guarantee covers:
+    docs/privacy.md.
     """
 
     clip_norm: float = 1.0
@@ -473,6 +474,7 @@ class DPFedAvg(_Rounds):
     noise: NoiseAt = "central"
     target_epsilon: float | None = None
     target_quantile: float | None = None
+    count_noise: float | None = None
 
     def callbacks(self) -> list[Callback]:
         if self.accountant == "pld" and self.sampling == "fixed" and self.cohort_size is not None \
@@ -484,7 +486,8 @@ class DPFedAvg(_Rounds):
             cbs.append(ClientSampling(self.cohort_size, seed=self.seed, mode=self.sampling))
         cbs.append(DifferentialPrivacy(self.clip_norm, self.noise_multiplier, self.delta, accountant=self.accountant,
                                        noise=self.noise, target_epsilon=self.target_epsilon,
-                                       target_quantile=self.target_quantile, seed=self.seed))
+                                       target_quantile=self.target_quantile, count_noise=self.count_noise,
+                                       seed=self.seed))
         return cbs
 
 

@@ -24,6 +24,7 @@ The package is imported only when a :class:`PrivacyAccountant` is made.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal, get_args
 
@@ -115,7 +116,13 @@ class PrivacyAccountant:
         dp = _dp()
         if self._rdp is None:
             one = dp.rdp.RdpAccountant(neighboring_relation=self.relation)
-            one.compose(self.event)
+            absl = logging.getLogger("absl")  # its notes on fractional orders it leaves out: not the user's concern
+            level = absl.level
+            absl.setLevel(logging.ERROR)
+            try:
+                one.compose(self.event)
+            finally:
+                absl.setLevel(level)
             self._rdp = (one.orders, one.rdp)
         orders, curve = self._rdp
         return float(dp.rdp.compute_epsilon(orders, rounds * curve, self.delta)[0])
