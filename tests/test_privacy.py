@@ -165,7 +165,7 @@ def test_training_stops_before_target_epsilon_is_exceeded(problem, caplog: pytes
     finally:
         lightning_log.removeHandler(caplog.handler)
     rounds = module.round_index
-    assert 0 < rounds and module.global_step == 2 * rounds < 2000, "stopped early, at the end of a round"
+    assert rounds > 0 and module.global_step == 2 * rounds < 2000, "stopped early, at the end of a round"
     spent = module.final_metrics[keys.EPSILON]
     assert spent == pytest.approx(_library_epsilon("rdp", "poisson", N, m, sigma, rounds, delta), rel=1e-12)
     assert spent <= target < _library_epsilon("rdp", "poisson", N, m, sigma, rounds + 1, delta)

@@ -199,7 +199,8 @@ def test_an_unknown_extra_uplink_message_is_refused_at_the_round() -> None:
         ({"clip_norm": 1.0, "noise_multiplier": 1.0, "accountant": "gdp"}, "accountant must be one of"),
         ({"clip_norm": 1.0, "noise_multiplier": 1.0, "noise": "server"}, "noise must be one of"),
         ({"clip_norm": 1.0, "noise_multiplier": 1.0, "target_quantile": 1.5}, "target_quantile must lie in"),
-        ({"clip_norm": 1.0, "noise_multiplier": 1.0, "target_quantile": 0.5, "noise": "local"}, "needs noise='central'"),
+        ({"clip_norm": 1.0, "noise_multiplier": 1.0, "target_quantile": 0.5, "noise": "local"},
+         "needs noise='central'"),
     ],
 )
 def test_invalid_arguments_name_the_parameter(kwargs, match) -> None:
