@@ -17,6 +17,7 @@ communication round (when the schedule's coin says so), see :class:`~fl_lightnin
     ``on_before_uplink``        last change to the local models x̂_i (``rnd.local``, e.g. TopK them)
     ``on_uplink``               form u_i from a copy of x̂_i (e.g. x̂_i − (γ/p) h_i)
     ``on_compress_uplink``      compress u_i (what goes on the wire)
+    ``on_mean``                 the sum x̄ = Σ_i w_i u_i, before anything reads it (e.g. DP noise)
     ``on_aggregate``            the server model x⁺ from x̄ (e.g. TopK at the server)
     ``on_broadcast``            compress the downlink b
     ``on_receive``              client side: update h_i; what clients keep of b (e.g. TopK "step 9")
@@ -67,6 +68,10 @@ class FederatedCallback(Callback):
 
     def on_compress_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
         """Compress ``rnd.uplink`` (and set ``rnd.uplink_bits`` if the encoding is not sparse/dense)."""
+
+    def on_mean(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        """Replace entries of ``rnd.mean`` (x̄ = Σ_i w_i u_i, the same on every process) before the server model,
+        the broadcast and the clients' state are derived from it."""
 
     def on_aggregate(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
         """Produce the server model ``rnd.server`` from ``rnd.mean``."""

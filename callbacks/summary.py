@@ -23,7 +23,7 @@ from typing_extensions import override
 from fl_lightning import metric_keys as keys
 from fl_lightning.progress import format_bits
 
-_SHOWN = (keys.VAL_ACC, keys.VAL_LOSS)
+_SHOWN = (keys.VAL_ACC, keys.VAL_LOSS, keys.EPSILON)
 
 
 class RunSummary(Callback):

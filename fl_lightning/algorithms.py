@@ -24,6 +24,7 @@ from fl_lightning.callbacks import (
     ClientSampling,
     Compression,
     ControlVariates,
+    DifferentialPrivacy,
     L1Prox,
     LocalWork,
     NormalizedAveraging,
@@ -36,9 +37,11 @@ from fl_lightning.callbacks import (
 from fl_lightning.callbacks.compression import Method
 from fl_lightning.callbacks.control_variates import Reference
 from fl_lightning.callbacks.pruning import ParamSelection
+from fl_lightning.callbacks.sampling import SamplingMode
 from fl_lightning.callbacks.schedule import ScheduleMode
 from fl_lightning.hparams import to_plain
 from fl_lightning.ops import Scope
+from fl_lightning.privacy import AccountantKind, NoiseAt
 from fl_lightning.registry import Registry
 
 
@@ -450,6 +453,48 @@ class FedNova(_Rounds):
         return [*cbs, NormalizedAveraging()]
 
 
+@register_algorithm("dp_fedavg")
+@dataclass(frozen=True)
+class DPFedAvg(_Rounds):
+    """DP-FedAvg (McMahan et al., ICLR 2018), client-level DP: k local steps, then with Δ_i = x̂_i − x
+
+    x ← x + (Σ_{i∈S} Δ_i · min(1, C/‖Δ_i‖) + N(0, σ²C²I)) / D,   D = expected cohort size (q·n = cohort_size)
+
+    S is a Poisson sample (every client joins with q = cohort_size / n; ``sampling="poisson"``, the default) or a
+    fixed-size one (``"fixed"``, D = cohort_size), or everyone (``cohort_size=None``, D = n). ε at ``delta`` is
+    computed by dp-accounting (``accountant`` ``rdp`` or ``pld``) after every round, logged as ``privacy/epsilon``
+    and left in ``module.final_metrics``; ``target_epsilon`` stops training before a round would exceed it.
+    ``noise="local"`` noises each clipped update instead; ``target_quantile`` turns on adaptive clipping
+    (Andrew et al. 2021; ``count_noise`` σ_b of its noisy count, default D/20). Uniform client weights only.
+    Callbacks: SkipSchedule(k, fixed) (+ ClientSampling(mode)), DifferentialPrivacy. What the guarantee covers:
+    docs/privacy.md.
+    """
+
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+    accountant: AccountantKind = "rdp"
+    sampling: SamplingMode = "poisson"
+    noise: NoiseAt = "central"
+    target_epsilon: float | None = None
+    target_quantile: float | None = None
+    count_noise: float | None = None
+
+    def callbacks(self) -> list[Callback]:
+        if self.accountant == "pld" and self.sampling == "fixed" and self.cohort_size is not None \
+                and self.noise == "central":
+            raise ValueError("dp_fedavg: the pld accountant does not analyse fixed-size cohorts; use "
+                             "accountant='rdp' or sampling='poisson'")
+        cbs: list[Callback] = [SkipSchedule(k=self.local_steps, mode="fixed", seed=self.seed)]
+        if self.cohort_size is not None:
+            cbs.append(ClientSampling(self.cohort_size, seed=self.seed, mode=self.sampling))
+        cbs.append(DifferentialPrivacy(self.clip_norm, self.noise_multiplier, self.delta, accountant=self.accountant,
+                                       noise=self.noise, target_epsilon=self.target_epsilon,
+                                       target_quantile=self.target_quantile, count_noise=self.count_noise,
+                                       seed=self.seed))
+        return cbs
+
+
 fedavg = _preset_function(FedAvg)
 proxskip = _preset_function(ProxSkip)
 sparse_proxskip = _preset_function(SparseProxSkip)
@@ -465,11 +510,13 @@ fedyogi = _preset_function(FedYogi)
 fedadagrad = _preset_function(FedAdagrad)
 fedavgm = _preset_function(FedAvgM)
 fednova = _preset_function(FedNova)
+dp_fedavg = _preset_function(DPFedAvg)
 
 __all__ = [
     "ALGORITHMS",
     "SCAFFOLD",
     "Algorithm",
+    "DPFedAvg",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -485,6 +532,7 @@ __all__ = [
     "SparseProxSkip",
     "SparseProxSkipLocal",
     "class_path_of",
+    "dp_fedavg",
     "fedadagrad",
     "fedadam",
     "fedavg",
