@@ -79,8 +79,8 @@ NO_NOISE = {"clip_norm": 1e6, "noise_multiplier": 0.0}
         (lambda: fedavg(local_steps=3, cohort_size=3, seed=1),
          lambda: dp_fedavg(local_steps=3, cohort_size=3, sampling="fixed", seed=1, **NO_NOISE)),
         (lambda: proxskip(p=0.3, seed=2), lambda: [*proxskip(p=0.3, seed=2), DifferentialPrivacy(**NO_NOISE)]),
-        (lambda: sparse_proxskip(p=0.3, density=0.5, seed=2),
-         lambda: [*sparse_proxskip(p=0.3, density=0.5, seed=2), DifferentialPrivacy(**NO_NOISE)]),
+        (lambda: sparse_proxskip(p=0.25, density=0.5, seed=2),
+         lambda: [*sparse_proxskip(p=0.25, density=0.5, seed=2), DifferentialPrivacy(**NO_NOISE)]),
     ],
     ids=["fedavg", "fedavg_fixed_cohort", "proxskip", "sparse_proxskip"],
 )
