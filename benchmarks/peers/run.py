@@ -58,10 +58,10 @@ PEERS = ("flwr", "pfl", "fl_lightning")
 LABELS = {"flwr": "Flower", "pfl": "pfl-research", "fl_lightning": "fl-lightning"}
 #: pip requirement of each installed peer, and the module that proves the install works
 REQUIREMENTS = {"flwr": ("flwr[simulation]", "flwr.simulation"), "pfl": ("pfl", "pfl.algorithm")}
-#: (R1, R2) rounds per workload and framework: the longer run about 10–30 s of rounds on 2 shared cores
+#: (R1, R2) rounds per workload and framework: R2 − R1 rounds take ~5–40 s, well above the start-up noise
 ROUNDS: dict[str, dict[str, tuple[int, int]]] = {
-    "lr100": {"fl_lightning": (4, 24), "pfl": (3, 13), "flwr": (2, 5)},
-    "flute1000": {"fl_lightning": (10, 50), "pfl": (10, 60), "flwr": (5, 20)},
+    "lr100": {"fl_lightning": (4, 24), "pfl": (3, 18), "flwr": (2, 8)},
+    "flute1000": {"fl_lightning": (10, 50), "pfl": (10, 210), "flwr": (5, 45)},
 }
 
 Installer = Callable[[str, Path], tuple[Path | None, str | None]]
