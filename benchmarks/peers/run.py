@@ -196,6 +196,10 @@ def _fmt(x: float | None, digits: int = 0) -> str:
     return "–" if x is None else f"{x:,.{digits}f}"
 
 
+def _ratio(x: float) -> str:
+    return f"{x:.1f}×" if x >= 1 else f"{x:.2f}×"
+
+
 def markdown_table(rows: list[dict[str, Any]], peers: list[str]) -> str:
     """framework, workload, client-steps/s, start-up, peak memory, the work check and the speed-up of each row
     over every other framework's row of the same workload (> 1: this row is faster)."""
@@ -214,7 +218,7 @@ def markdown_table(rows: list[dict[str, Any]], peers: list[str]) -> str:
         for p in others:
             o = by.get((r["workload"], p))
             ratios.append("–" if p == r["framework"] or not o or not o.get("ok")
-                          else f"{r['client_steps_per_s'] / o['client_steps_per_s']:.1f}×")
+                          else _ratio(r["client_steps_per_s"] / o["client_steps_per_s"]))
         lines.append(f"| {label} | {r['workload']} | {_fmt(r['client_steps_per_s'])} | {_fmt(r['startup_s'], 1)} | "
                      f"{_fmt(r['peak_rss_mb'])} | {r['check']} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
