@@ -1,0 +1,84 @@
+"""The peers benchmark (``benchmarks/peers/``): the fl-lightning implementation reports the fields the runner reads
+and passes its own work check, and the runner skips a peer whose installation fails, saying why. No peer is
+installed and nothing is timed here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PEERS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "peers"
+FIELDS = {"steps", "rounds", "seconds", "startup_s", "peak_rss_mb", "loss_first", "loss_last"}
+
+
+@pytest.fixture(scope="module")
+def runner():
+    sys.path.insert(0, str(PEERS_DIR))
+    import run
+
+    yield run
+    sys.path.remove(str(PEERS_DIR))
+
+
+def test_fl_lightning_implementation_prints_one_result_line_that_passes_the_work_check(runner) -> None:
+    res = runner.measure(Path(sys.executable), "fl_lightning", "flute1000", rounds=2, threads=1, timeout=300)
+    assert res["ok"], res.get("error")
+    assert set(res) >= FIELDS
+    assert res["rounds"] == 2 and res["steps"] == 2 * 10 * 10  # 2 rounds × 10 clients × 10 local steps
+    assert res["wall_s"] > 0 and res["peak_rss_mb"] > 0
+    assert runner.work_check(res) is None
+
+
+def test_work_check_names_what_was_not_done(runner) -> None:
+    res = {"workload": {"name": "lr100"}, "rounds": 2, "rounds_asked": 3, "steps": 2000, "loss_first": 4.0,
+           "loss_last": 3.0}
+    assert "2 rounds counted, 3 asked" in runner.work_check(res)
+    res.update(rounds=3, steps=3000, loss_last=4.5)
+    assert "loss did not fall" in runner.work_check(res)
+
+
+def test_steady_state_rate_cancels_the_start_up(runner) -> None:
+    # 10 s of start-up, then 1,000 client-steps per second: the pair recovers both
+    run = {"workload": {"name": "lr100"}, "loss_first": 4.0, "loss_last": 3.0, "peak_rss_mb": 1.0,
+           "load_average": (1.0, 1.0, 1.0)}
+    short = {**run, "steps": 2000, "rounds": 2, "rounds_asked": 2, "wall_s": 12.0, "seconds": 2.5}
+    long = {**run, "steps": 6000, "rounds": 6, "rounds_asked": 6, "wall_s": 16.0, "seconds": 6.5}
+    got = runner.pair(short, long)
+    assert got["rate"] == pytest.approx(1000.0) and got["startup_s"] == pytest.approx(10.0)
+    assert got["check"] == "ok"
+
+
+def test_runner_skips_a_peer_whose_install_fails_and_says_why(runner, tmp_path, monkeypatch, capsys) -> None:
+    def failing_install(peer: str, venv_dir: Path) -> tuple[None, str]:
+        return None, f"pip install {peer} failed: no matching distribution"
+
+    measured: list[str] = []
+
+    def fake_measure(python, peer, workload, rounds, threads, timeout):
+        measured.append(peer)
+        return {"ok": False, "error": "not measured in this test", "load_average": (0.0, 0.0, 0.0)}
+
+    monkeypatch.setattr(runner, "measure", fake_measure)
+    out = tmp_path / "peers.json"
+    result = runner.main(["--workloads", "lr100", "--peers", "flwr,fl_lightning", "--repeats", "1",
+                          "--out", str(out)], installer=failing_install)
+    flwr = next(r for r in result["rows"] if r["framework"] == "flwr")
+    assert flwr["ok"] is False and "no matching distribution" in flwr["skipped"]
+    assert measured == ["fl_lightning", "fl_lightning"]  # the skipped peer never runs
+    assert "skipped: pip install flwr failed" in capsys.readouterr().out
+    assert json.loads(out.read_text())["rows"][0]["skipped"] == flwr["skipped"]
+
+
+def test_install_peer_reports_a_failing_pip(runner, tmp_path, monkeypatch) -> None:
+    def fake_run(cmd, timeout):
+        failed = "install" in cmd and "pfl" in cmd
+        return subprocess.CompletedProcess(cmd, 1 if failed else 0, "", "ERROR: No matching distribution" if failed
+                                           else "")
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    python, reason = runner.install_peer("pfl", tmp_path)
+    assert python is None and "pip install pfl failed" in reason and "No matching distribution" in reason
