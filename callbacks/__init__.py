@@ -10,6 +10,7 @@ from fl_lightning.callbacks.fedprox import ProximalTerm
 from fl_lightning.callbacks.interrupt import GracefulInterrupt
 from fl_lightning.callbacks.local_work import LocalWork
 from fl_lightning.callbacks.metrics import LayerDensity, WandbFederatedMetrics
+from fl_lightning.callbacks.privacy import DifferentialPrivacy
 from fl_lightning.callbacks.progress import FederatedProgressBar
 from fl_lightning.callbacks.prox import L1Prox
 from fl_lightning.callbacks.pruning import TopKPruning
@@ -23,6 +24,7 @@ __all__ = [
     "ClientSampling",
     "Compression",
     "ControlVariates",
+    "DifferentialPrivacy",
     "DivergenceError",
     "DivergenceGuard",
     "FederatedCallback",

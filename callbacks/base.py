@@ -9,10 +9,15 @@ local step (every ``training_step``)
     Lightning's ``on_before_optimizer_step``   (e.g. shift the gradient by −h_i)
     ``on_local_step_end``       after the SGD step, before the coin (e.g. TopK "step 7", a prox)
 
+evaluation (validation, test, predict, ``sparsity/density``)
+    ``transform_evaluated_params``   the weights the global model x is evaluated with: what clients compute with
+                                when they start from x (e.g. TopK(x) through an STE); x itself by default
+
 communication round (when the schedule's coin says so), see :class:`~fl_lightning.round.Round`
     ``on_before_uplink``        last change to the local models x̂_i (``rnd.local``, e.g. TopK them)
     ``on_uplink``               form u_i from a copy of x̂_i (e.g. x̂_i − (γ/p) h_i)
     ``on_compress_uplink``      compress u_i (what goes on the wire)
+    ``on_mean``                 the sum x̄ = Σ_i w_i u_i, before anything reads it (e.g. DP noise)
     ``on_aggregate``            the server model x⁺ from x̄ (e.g. TopK at the server)
     ``on_broadcast``            compress the downlink b
     ``on_receive``              client side: update h_i; what clients keep of b (e.g. TopK "step 9")
@@ -44,6 +49,13 @@ class FederatedCallback(Callback):
         """Return the parameters the forward pass and the gradient use, given the stacked x_i ([c, ...])."""
         return params
 
+    def transform_evaluated_params(self, trainer: Trainer | None, module: FederatedLightningModule,
+                                   params: Tensors) -> Tensors:
+        """Return the parameters the global model is evaluated and its density reported with, given the global
+        model's x (one model, not stacked): the model clients compute with when they start from x. A callback
+        whose ``transform_params`` changes what the forward pass uses should give the same change here."""
+        return params
+
     def on_local_step_end(self, trainer: Trainer, module: FederatedLightningModule) -> None:
         """After the optimizer step of every local step, before the schedule decides on communication."""
 
@@ -56,6 +68,10 @@ class FederatedCallback(Callback):
 
     def on_compress_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
         """Compress ``rnd.uplink`` (and set ``rnd.uplink_bits`` if the encoding is not sparse/dense)."""
+
+    def on_mean(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
+        """Replace entries of ``rnd.mean`` (x̄ = Σ_i w_i u_i, the same on every process) before the server model,
+        the broadcast and the clients' state are derived from it."""
 
     def on_aggregate(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
         """Produce the server model ``rnd.server`` from ``rnd.mean``."""

@@ -12,7 +12,8 @@ Where it acts:
                 averages the compressed messages, x̄ = Σ_i w_i C(u_i).
 - ``downlink``: b ← C(x⁺) once at the server, sent to every receiving client.
 - ``forward``:  w_i = Q(x_i) in the forward pass and the gradient with a straight-through estimator (§1.4):
-                the gradient at Q(x_i) is applied to the dense x_i. Quantisation only (TopK in the forward
+                the gradient at Q(x_i) is applied to the dense x_i; the global model x is evaluated as Q(x),
+                what clients compute with. Quantisation only (TopK in the forward
                 pass is ``TopKPruning(at="forward")``), and with nearest-level rounding: Q is then a fixed
                 function of x_i, like TopK, the same on every execution path (vectorised, sequential, chunked).
 
@@ -128,6 +129,15 @@ class Compression(FederatedCallback):
         for k, x in params.items():  # value Q(x) (nearest level), gradient straight through to x
             out[k] = x + (quantize(x, bits=self.bits, stochastic=False, stacked=True) - x).detach()
         return out
+
+    @override
+    def transform_evaluated_params(self, trainer: Trainer | None, module: FederatedLightningModule,
+                                   params: Tensors) -> Tensors:
+        """In the forward pass clients compute with Q(x_i), so the global model x is evaluated as Q(x) (nearest
+        level, as in :meth:`transform_params`)."""
+        if self.direction != "forward":
+            return params
+        return {k: quantize(x, bits=self.bits, stochastic=False, stacked=False) for k, x in params.items()}
 
     @override
     def on_compress_uplink(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:

@@ -1,8 +1,8 @@
 """Metric callbacks: per-layer density of the global model, and a W&B dashboard for federated runs.
 
 - :class:`LayerDensity` adds ``sparsity/layer/<parameter>`` (the fraction of non-zeros of each tensor of the
-  global model) to ``module.round_metrics`` after every round; the module logs them with the other round
-  metrics on logging steps, so CSV, TensorBoard and W&B all get them.
+  global model, as it is evaluated: ``module.evaluated_params()``) to ``module.round_metrics`` after every round;
+  the module logs them with the other round metrics on logging steps, so CSV, TensorBoard and W&B all get them.
 - :class:`WandbFederatedMetrics` does nothing unless the Trainer has a
   :class:`~lightning.pytorch.loggers.WandbLogger`; then, at ``setup``, it declares which metrics W&B plots
   against communication rounds (``wandb.define_metric``), names the run after the algorithm preset
@@ -86,7 +86,7 @@ class LayerDensity(FederatedCallback):
 
     @override
     def on_round_end(self, trainer: Trainer, module: FederatedLightningModule, rnd: Round) -> None:
-        params = dict(module.global_model.named_parameters())
+        params = module.evaluated_params()  # the global model as it is evaluated (TopK(x) for FedComLoc-Local)
         for name in self.names:
             module.round_metrics[keys.layer_density(name)] = density({name: params[name]}, stacked=False)
 

@@ -4,6 +4,8 @@ Locations (``at``), in the order they act within a round:
 
 - ``forward``:  w_i = TopK(x_i) in the forward pass and the gradient, with a straight-through estimator
                 (STE, §1.4): the gradient of w_i is applied to the dense x_i, so pruned weights can grow back.
+                The global model x stays dense (clients start from it); it is evaluated as TopK(x), the model
+                clients compute with (``transform_evaluated_params``).
 - ``local``:    x̂_i ← TopK(x̂_i) after every local step ("step 7"); also spelled ``after_step``.
 - ``round``:    x̂_i ← TopK(x̂_i) once, at the end of the round, before the uplink (Sparse-ProxSkip-Local); also
                 spelled ``before_uplink``.
@@ -179,6 +181,16 @@ class TopKPruning(FederatedCallback):
             x = params[k]
             out[k] = x + (x.masked_fill(~m, 0) - x).detach()  # value TopK(x), gradient straight through
         return out
+
+    @override
+    def transform_evaluated_params(self, trainer: Trainer | None, module: FederatedLightningModule,
+                                   params: Tensors) -> Tensors:
+        """With ``forward`` (STE) clients compute with TopK(x_i), so the global model x is evaluated as TopK(x) (the
+        same TopK: density, scope, params), not as the dense x they update."""
+        if "forward" not in self.at:
+            return params
+        with torch.no_grad():
+            return self._prune(params, stacked=False)[0]
 
     @override
     def on_local_step_end(self, trainer: Trainer, module: FederatedLightningModule) -> None:

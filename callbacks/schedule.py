@@ -24,8 +24,9 @@ class SkipSchedule(FederatedCallback):
     Modes (all with expected round length 1/p):
 
     - ``bernoulli``: θ_t ~ Bernoulli(p) after every step, as in ProxSkip (Mishchenko et al. 2022, Alg. 1).
-    - ``fixed``: exactly k local steps per round, k = ``k`` or round(1/p); the control variates then use
-      p = 1/k. This is FedAvg's schedule and the seed paper's.
+    - ``fixed``: exactly k local steps per round, k = ``k`` or 1/p, which must then be an integer (p = 1/k, up to a
+      relative 1e-9 on 1/p: ``p=0.1`` and ``p=1/3`` are k = 10 and 3; ``p=0.4`` is refused rather than run as
+      p = 0.5); the control variates use p = 1/k. This is FedAvg's schedule and the seed paper's.
     - ``geometric``: the round length is drawn at the round's start from Geometric(p); the same law as
       ``bernoulli`` but the length is known in advance.
 
@@ -51,7 +52,7 @@ class SkipSchedule(FederatedCallback):
         if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
             raise ValueError(f"SkipSchedule p (communication probability) must lie in (0, 1], got {p!r}")
         self.mode: str = mode
-        self.k: int = k if k is not None else max(1, round(1.0 / p))
+        self.k: int = k if k is not None else steps_per_round(p) if mode == "fixed" else max(1, round(1.0 / p))
         self._p = float(p)
         self.seed = seed
         self._rng = random.Random(seed)
@@ -100,6 +101,27 @@ class SkipSchedule(FederatedCallback):
         restore_random(self._rng, state_dict["rng"])
         self._steps_in_round = state_dict["steps_in_round"]
         self._round_length = state_dict["round_length"]
+
+
+#: How far 1/p may be from an integer, relatively, for ``mode="fixed"``: a p typed as a decimal (0.1, 0.05) or
+#: computed as 1/k gives 1/p within a few ulps (~1e-16) of k, and one written with 10 significant digits
+#: (0.3333333333) within ~1e-10; a p that means another value (0.4 → 2.5, 0.3 → 3.33) is off by far more.
+FIXED_RTOL = 1e-9
+
+
+def steps_per_round(p: float) -> int:
+    """k = 1/p, the local steps of every round in ``mode="fixed"``; raises unless 1/p is an integer (relative
+    tolerance :data:`FIXED_RTOL`), rather than silently running another p (DESIGN §1.2: a fixed k = 1/p)."""
+    inverse = 1.0 / p
+    k = max(1, round(inverse))
+    if not math.isclose(inverse, k, rel_tol=FIXED_RTOL, abs_tol=0.0):
+        below, above = 1.0 / math.floor(inverse), 1.0 / math.ceil(inverse)
+        raise ValueError(
+            f"SkipSchedule p={p!r} with mode='fixed': a fixed schedule runs k = 1/p local steps per round, so 1/p "
+            f"must be an integer, but 1/p = {inverse:.6g}. Use p = 1/k (e.g. p={above:.6g} or p={below:.6g}, or give "
+            "k=...), or mode='bernoulli' / 'geometric' for random rounds of mean length 1/p"
+        )
+    return k
 
 
 def communication_schedule(callbacks: Sequence[FederatedCallback], *, warn: bool = True) -> SkipSchedule | None:

@@ -1,7 +1,7 @@
 """``RunSummary``: one line at the end of a fit that says what the run did and what it reached.
 
-    fl-lightning: 600 local steps, 115 rounds, 10 clients in 5.8 s (9.7 ms/step) | val/acc 0.950,
-    val/loss 0.207 | clients' acc 0.948 ± 0.031 (p10 0.910, min 0.889) | uplink 177 Mb, downlink 177 Mb |
+    fl-lightning: 600 local steps, 115 rounds, 10 clients in 1.6 s (2.7 ms/step) | val/acc 0.944,
+    val/loss 0.215 | clients' acc 0.959 ± 0.033 (p10 0.911, min 0.907) | uplink 177 Mb, downlink 177 Mb |
     global density 1.000
 
 With client test splits the line shows the spread of the clients' accuracy (``val/client_acc_*``, and the
@@ -23,7 +23,7 @@ from typing_extensions import override
 from fl_lightning import metric_keys as keys
 from fl_lightning.progress import format_bits
 
-_SHOWN = (keys.VAL_ACC, keys.VAL_LOSS)
+_SHOWN = (keys.VAL_ACC, keys.VAL_LOSS, keys.EPSILON)
 
 
 class RunSummary(Callback):

@@ -24,6 +24,7 @@ from fl_lightning.callbacks import (
     ClientSampling,
     Compression,
     ControlVariates,
+    DifferentialPrivacy,
     L1Prox,
     LocalWork,
     NormalizedAveraging,
@@ -36,9 +37,11 @@ from fl_lightning.callbacks import (
 from fl_lightning.callbacks.compression import Method
 from fl_lightning.callbacks.control_variates import Reference
 from fl_lightning.callbacks.pruning import ParamSelection
+from fl_lightning.callbacks.sampling import SamplingMode
 from fl_lightning.callbacks.schedule import ScheduleMode
 from fl_lightning.hparams import to_plain
 from fl_lightning.ops import Scope
+from fl_lightning.privacy import AccountantKind, NoiseAt
 from fl_lightning.registry import Registry
 
 
@@ -182,7 +185,7 @@ class ProxSkip(Algorithm):
     x̂_i = x_i − γ (∇f_i(x_i) − h_i);  with probability p:  x̄ = Σ_i w_i (x̂_i − (γ/p) h_i),
     h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← x̄;  otherwise x_i ← x̂_i.
 
-    ``mode="fixed"`` uses exactly k = round(1/p) local steps per round (and p = 1/k).
+    ``mode="fixed"`` uses exactly k = 1/p local steps per round; 1/p must then be an integer (p = 0.4 is refused).
     """
 
     p: float = 0.2
@@ -196,8 +199,8 @@ class ProxSkip(Algorithm):
 
 @dataclass(frozen=True)
 class _Sparse(Algorithm):
-    """Shared hyper-parameters of the TopK presets. ``mode="fixed"`` (k = 1/p local steps per round)
-    is the seed paper's setting; ``bernoulli`` gives ProxSkip's random rounds."""
+    """Shared hyper-parameters of the TopK presets. ``mode="fixed"`` (k = 1/p local steps per round, so p = 1/k
+    for an integer k) is the seed paper's setting; ``bernoulli`` gives ProxSkip's random rounds, for any p."""
 
     p: float = 0.2
     mode: ScheduleMode = "fixed"
@@ -293,12 +296,16 @@ class RandProxL1(Algorithm):
     """ProxSkip with the ℓ1 prox at the clients (RandProx, Condat & Richtárik): solves min f(x) + λ‖x‖₁.
 
     x̂_i = prox_{γλ‖·‖₁}(x_i − γ (∇f_i(x_i) − h_i))   (soft-thresholding, after every local step)
-    with probability p:  x̄ = Σ_i w_i (x̂_i − (γ/p) h_i),  h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← x̄
+    with probability p:  x̄ = Σ_i w_i x̂_i,  h_i ← h_i + (p/γ)(x̄ − x̂_i),  x_i ← x̄
 
     Zero-sum control variates make the fixed point the exact minimiser of f + λ‖·‖₁ (see
     :class:`~fl_lightning.callbacks.L1Prox`). The prox acts on ``params`` (weights by default); λ is a
-    penalty weight, not a density target. The uplink is the dense shifted form of DESIGN §1.2.
-    Callbacks: SkipSchedule, ControlVariates(reference="mean"), L1Prox(lam).
+    penalty weight, not a density target. Uplink: as in :class:`SparseProxSkip`, Σ_i w_i h_i = 0 makes DESIGN §1.2's
+    x̄ = Σ_i w_i (x̂_i − (γ/p) h_i) equal Σ_i w_i x̂_i, so clients send the prox output x̂_i
+    (``ControlVariates(uplink="local")``), exactly zero off its support, and the uplink is billed at its sparse
+    encoding. (The shifted form sends the same x̄ as a dense message, and leaves float rounding residues of
+    (γ/p) Σ_i w_i h_i, ~1e-8 in float32, where the solution is zero: the global model then reads density 1.)
+    Callbacks: SkipSchedule, ControlVariates(reference="mean", uplink="local"), L1Prox(lam).
     """
 
     p: float = 0.2
@@ -308,8 +315,8 @@ class RandProxL1(Algorithm):
     seed: int | None = None
 
     def callbacks(self) -> list[Callback]:
-        return [SkipSchedule(p=self.p, mode=self.mode, seed=self.seed), ControlVariates(reference="mean"),
-                L1Prox(self.lam, params=self.params)]
+        return [SkipSchedule(p=self.p, mode=self.mode, seed=self.seed),
+                ControlVariates(reference="mean", uplink="local"), L1Prox(self.lam, params=self.params)]
 
 
 @register_algorithm("fedcomloc")
@@ -446,6 +453,48 @@ class FedNova(_Rounds):
         return [*cbs, NormalizedAveraging()]
 
 
+@register_algorithm("dp_fedavg")
+@dataclass(frozen=True)
+class DPFedAvg(_Rounds):
+    """DP-FedAvg (McMahan et al., ICLR 2018), client-level DP: k local steps, then with Δ_i = x̂_i − x
+
+    x ← x + (Σ_{i∈S} Δ_i · min(1, C/‖Δ_i‖) + N(0, σ²C²I)) / D,   D = expected cohort size (q·n = cohort_size)
+
+    S is a Poisson sample (every client joins with q = cohort_size / n; ``sampling="poisson"``, the default) or a
+    fixed-size one (``"fixed"``, D = cohort_size), or everyone (``cohort_size=None``, D = n). ε at ``delta`` is
+    computed by dp-accounting (``accountant`` ``rdp`` or ``pld``) after every round, logged as ``privacy/epsilon``
+    and left in ``module.final_metrics``; ``target_epsilon`` stops training before a round would exceed it.
+    ``noise="local"`` noises each clipped update instead; ``target_quantile`` turns on adaptive clipping
+    (Andrew et al. 2021; ``count_noise`` σ_b of its noisy count, default D/20). Uniform client weights only.
+    Callbacks: SkipSchedule(k, fixed) (+ ClientSampling(mode)), DifferentialPrivacy. What the guarantee covers:
+    docs/privacy.md.
+    """
+
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+    accountant: AccountantKind = "rdp"
+    sampling: SamplingMode = "poisson"
+    noise: NoiseAt = "central"
+    target_epsilon: float | None = None
+    target_quantile: float | None = None
+    count_noise: float | None = None
+
+    def callbacks(self) -> list[Callback]:
+        if self.accountant == "pld" and self.sampling == "fixed" and self.cohort_size is not None \
+                and self.noise == "central":
+            raise ValueError("dp_fedavg: the pld accountant does not analyse fixed-size cohorts; use "
+                             "accountant='rdp' or sampling='poisson'")
+        cbs: list[Callback] = [SkipSchedule(k=self.local_steps, mode="fixed", seed=self.seed)]
+        if self.cohort_size is not None:
+            cbs.append(ClientSampling(self.cohort_size, seed=self.seed, mode=self.sampling))
+        cbs.append(DifferentialPrivacy(self.clip_norm, self.noise_multiplier, self.delta, accountant=self.accountant,
+                                       noise=self.noise, target_epsilon=self.target_epsilon,
+                                       target_quantile=self.target_quantile, count_noise=self.count_noise,
+                                       seed=self.seed))
+        return cbs
+
+
 fedavg = _preset_function(FedAvg)
 proxskip = _preset_function(ProxSkip)
 sparse_proxskip = _preset_function(SparseProxSkip)
@@ -461,11 +510,13 @@ fedyogi = _preset_function(FedYogi)
 fedadagrad = _preset_function(FedAdagrad)
 fedavgm = _preset_function(FedAvgM)
 fednova = _preset_function(FedNova)
+dp_fedavg = _preset_function(DPFedAvg)
 
 __all__ = [
     "ALGORITHMS",
     "SCAFFOLD",
     "Algorithm",
+    "DPFedAvg",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -481,6 +532,7 @@ __all__ = [
     "SparseProxSkip",
     "SparseProxSkipLocal",
     "class_path_of",
+    "dp_fedavg",
     "fedadagrad",
     "fedadam",
     "fedavg",

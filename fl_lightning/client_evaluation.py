@@ -171,8 +171,8 @@ class ClientEvaluation:
     # ------------------------------------------------------------------ models
     @staticmethod
     def _models(module: FederatedLightningModule, rows: Tensor) -> tuple[Tensors, Tensors]:
-        """The stacked models of the local ``rows``: the global model's shared tensors (expanded views) and the
-        clients' own personal ones."""
+        """The stacked models of the local ``rows``: the evaluated global model's shared tensors (expanded views;
+        ``module.evaluated_params``) and the clients' own personal ones."""
         c = len(rows)
         personal = module.personal_names
         clients = module.ensure_clients()
@@ -180,7 +180,8 @@ class ClientEvaluation:
         def stack(name: str, value: Tensor, own: Tensor) -> Tensor:
             return own[rows] if name in personal else value.detach().unsqueeze(0).expand(c, *value.shape)
 
-        params = {k: stack(k, v, clients.x[k]) for k, v in module.global_model.named_parameters()}
+        evaluated = module.evaluated_params()  # x as clients compute with it (e.g. TopK(x) with an STE forward)
+        params = {k: stack(k, v, clients.x[k]) for k, v in evaluated.items()}
         buffers = {k: stack(k, v, clients.model_buffers[k]) for k, v in module.global_model.named_buffers()}
         return params, buffers
 

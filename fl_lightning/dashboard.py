@@ -117,6 +117,16 @@ def drift_panels() -> tuple[Line, ...]:
     return (Line("control-variate drift ‖Σ w_i h_i‖", (keys.CV_SUM_NORM,)),)
 
 
+def privacy_panels() -> tuple[Line, ...]:
+    """DP runs (:class:`~fl_lightning.callbacks.DifferentialPrivacy`): the privacy spent, the accuracy it bought,
+    and the clipping."""
+    return (
+        Line("privacy spent ε (at the run's δ)", (keys.EPSILON,)),
+        Line("accuracy vs ε", (keys.VAL_ACC,), x=keys.EPSILON),
+        Line("clip norm and clipped fraction", (keys.CLIP_NORM, keys.CLIPPED_FRACTION)),
+    )
+
+
 def loss_panels() -> tuple[Line, ...]:
     return (
         Line("training loss", (keys.TRAIN_LOSS,)),
@@ -134,8 +144,8 @@ def communication_panels() -> tuple[Line, ...]:
 
 def dashboard(entity: str, project: str, name: str = DEFAULT_NAME) -> Dashboard:
     """The fl-lightning workspace: accuracy (global, per-client statistics) against rounds and against uplink
-    bits, density (global, client, per layer), control-variate drift, loss, communication; runs grouped by
-    preset and density."""
+    bits, density (global, client, per layer), control-variate drift, loss, privacy (DP runs), communication; runs
+    grouped by preset and density."""
     return Dashboard(
         entity=entity,
         project=project,
@@ -146,6 +156,7 @@ def dashboard(entity: str, project: str, name: str = DEFAULT_NAME) -> Dashboard:
             Section("Density", density_panels()),
             Section("Control variates", drift_panels()),
             Section("Loss", loss_panels()),
+            Section("Privacy (DP runs)", privacy_panels(), is_open=False),
             Section("Communication", communication_panels(), is_open=False),
         ),
     )

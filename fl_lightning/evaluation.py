@@ -4,11 +4,17 @@
 held-out split (:meth:`GlobalEvaluation.over`), and holds the ``MeanMetric`` s of Lightning's validation and
 test loops. A client LightningModule's own ``validation_step`` / ``test_step`` take precedence (they run on the
 global model, their ``self.log`` going to the federated module's).
+
+What is evaluated is the model clients compute with when they start from x: x itself, unless a callback's
+``transform_evaluated_params`` changes it (TopK(x) for an STE forward pass, FedComLoc-Local). Then
+:meth:`GlobalEvaluation.use` loads those weights into a copy of the model that is not a submodule (not in
+checkpoints, which keep x, the state clients resume from) and evaluation runs on the copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,14 +49,41 @@ class GlobalEvaluation(nn.Module):
     def __init__(self, model: nn.Module, objective: LocalObjective, loss: Loss | None) -> None:
         super().__init__()
         self._model = [model]  # not a submodule: the federated module owns it
+        self._shadow: list[nn.Module] = []  # the copy that holds transformed weights (not a submodule either)
+        self._transformed = False
         self.objective = objective
         self.loss = loss
         self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
         self.test_loss, self.test_acc = MeanMetric(), MeanMetric()
 
     @property
-    def model(self) -> nn.Module:
+    def global_model(self) -> nn.Module:
+        """The global model x itself."""
         return self._model[0]
+
+    @property
+    def model(self) -> nn.Module:
+        """The model evaluated: the global model, or its copy holding the weights of the latest :meth:`use`."""
+        return self._shadow[0] if self._transformed else self._model[0]
+
+    @torch.no_grad()
+    def use(self, params: Mapping[str, Tensor] | None) -> nn.Module:
+        """Evaluate the global model with these parameters from now on (None: with its own); buffers are the
+        global model's. Returns the model evaluated."""
+        self._transformed = params is not None
+        if params is None:
+            return self.model
+        source = self.global_model
+        first = next(iter(source.parameters()))
+        if not self._shadow or next(iter(self._shadow[0].parameters())).device != first.device:
+            self._shadow = [copy.deepcopy(source)]
+        shadow = self._shadow[0]
+        for k, v in shadow.named_parameters():
+            v.copy_(params[k])
+        for (_, v), (_, b) in zip(shadow.named_buffers(), source.named_buffers()):
+            v.copy_(b)
+        shadow.train(source.training)
+        return shadow
 
     @property
     def classification(self) -> bool:

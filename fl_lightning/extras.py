@@ -15,6 +15,7 @@ from types import ModuleType
 EXTRAS: dict[str, tuple[str, ...]] = {
     "wandb": ("wandb-workspaces",),
     "hf": ("datasets", "flwr-datasets"),
+    "privacy": ("dp-accounting",),
 }
 
 

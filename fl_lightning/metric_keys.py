@@ -18,12 +18,20 @@ BITS_UP = "comm/bits_up"  #: uplink bits so far, all clients together (DESIGN §
 BITS_DOWN = "comm/bits_down"  #: downlink bits so far
 
 # ---------------------------------------------------------------------------------------------- sparsity
-DENSITY = "sparsity/density"  #: fraction of non-zeros of the global model after the round
+DENSITY = "sparsity/density"  #: fraction of non-zeros of the global model after the round, as evaluated (TopK(x)
+#: for FedComLoc-Local, whose clients compute with TopK of the dense x: ``module.evaluated_params()``)
 CLIENT_DENSITY = "sparsity/client_density"  #: the same for the clients' x̂_i, averaged over the cohort
 LAYER_DENSITY_PREFIX = "sparsity/layer/"  #: + parameter name: one tensor of the global model (LayerDensity)
 
 # ---------------------------------------------------------------------------------------------- control variates
 CV_SUM_NORM = "cv/sum_norm"  #: ‖Σ_i w_i h_i‖, 0 for zero-sum control variates (DESIGN §1.2)
+
+# ---------------------------------------------------------------------------------------------- differential privacy
+# Logged by :class:`~fl_lightning.callbacks.DifferentialPrivacy` after every round (docs/privacy.md).
+EPSILON = "privacy/epsilon"  #: ε of the rounds so far at the configured δ (dp-accounting), inf when σ = 0
+CLIP_NORM = "privacy/clip_norm"  #: the clip norm C of the round (moves with adaptive clipping)
+CLIPPED_FRACTION = "privacy/clipped_fraction"  #: fraction of the cohort whose update was clipped this round
+PRIVACY_METRICS: tuple[str, ...] = (EPSILON, CLIP_NORM, CLIPPED_FRACTION)
 
 # ---------------------------------------------------------------------------------------------- per-client evaluation
 # Statistics over clients (fl_lightning.client_evaluation) of the global model ("client") and of the personalized
@@ -65,14 +73,14 @@ def layer_density(name: str) -> str:
 
 #: Metrics that describe the global model after a round; W&B plots them against ``comm/rounds`` by default.
 ROUND_METRICS: tuple[str, ...] = (VAL_ACC, VAL_LOSS, DENSITY, CLIENT_DENSITY, CV_SUM_NORM, *CLIENT_ACC_STATS,
-                                  CLIENT_LOSS_MEAN)
+                                  CLIENT_LOSS_MEAN, *PRIVACY_METRICS)
 #: The x-axes, logged in the same rows as every per-step metric.
 AXES: tuple[str, ...] = (ROUNDS, BITS_UP, BITS_DOWN)
 
 __all__ = [
     "AXES", "BITS_DOWN", "BITS_UP", "CLASSIFICATION_STATS", "CLIENT_ACC_MEAN", "CLIENT_ACC_MIN", "CLIENT_ACC_P10",
-    "CLIENT_ACC_STATS", "CLIENT_ACC_STD", "CLIENT_DENSITY", "CLIENT_LOSS_MEAN", "CONFIG_DENSITY", "CONFIG_P",
-    "CONFIG_PRESET", "CV_SUM_NORM", "DENSITY", "LAYER_DENSITY_PREFIX", "PERSONAL_ACC_MEAN", "REGRESSION_STATS",
-    "ROUNDS", "ROUND_METRICS", "TRAIN_LOSS", "VAL_ACC", "VAL_LOSS", "client_histogram", "client_metric",
-    "layer_density",
+    "CLIENT_ACC_STATS", "CLIENT_ACC_STD", "CLIENT_DENSITY", "CLIENT_LOSS_MEAN", "CLIPPED_FRACTION", "CLIP_NORM",
+    "CONFIG_DENSITY", "CONFIG_P", "CONFIG_PRESET", "CV_SUM_NORM", "DENSITY", "EPSILON", "LAYER_DENSITY_PREFIX",
+    "PERSONAL_ACC_MEAN", "PRIVACY_METRICS", "REGRESSION_STATS", "ROUNDS", "ROUND_METRICS", "TRAIN_LOSS", "VAL_ACC",
+    "VAL_LOSS", "client_histogram", "client_metric", "layer_density",
 ]

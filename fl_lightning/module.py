@@ -382,7 +382,7 @@ class FederatedLightningModule(LightningModule):
         self._round_open = False
         for cb in self.federated_callbacks:
             cb.on_round_end(self.trainer, self, rnd)
-        self.round_metrics[keys.DENSITY] = density(rnd.received, stacked=False)
+        self.round_metrics[keys.DENSITY] = density(self.evaluated_params(rnd.received), stacked=False)
         assert rnd.client_density is not None
         self.round_metrics[keys.CLIENT_DENSITY] = rnd.client_density
         if self.eval_every is not None and self.round_index % self.eval_every == 0:
@@ -419,11 +419,12 @@ class FederatedLightningModule(LightningModule):
 
     # ------------------------------------------------------------------ evaluation of the global model
     def forward(self, x: Tensor) -> Tensor:
-        """The global model's output."""
+        """The global model's output (x as it is; validation, test and predict use :attr:`evaluated_model`)."""
         return self.global_model(x)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """``val/loss`` (and ``val/acc``) of the global model, or the client model's own ``validation_step``."""
+        """``val/loss`` (and ``val/acc``) of the evaluated model (:attr:`evaluated_model`), or the client model's
+        own ``validation_step`` run on it."""
         if not self.evaluation.client_step("validation_step", batch, batch_idx, self.log):
             self.evaluation.step("val", batch, self.log)
 
@@ -434,9 +435,11 @@ class FederatedLightningModule(LightningModule):
             self.evaluation.step("test", batch, self.log)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """The global model's outputs for the inputs of ``batch`` (``x`` or ``(x, y)``)."""
+        """The outputs of the evaluated model (:attr:`evaluated_model`) for the inputs of ``batch`` (``x`` or
+        ``(x, y)``)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.global_model(as_model_input(self.global_model, x))
+        model = self.evaluation.model
+        return model(as_model_input(model, x))
 
     def on_validation_epoch_end(self) -> None:
         """``val/client_*`` (and ``val/personal_*``) with the held-out metrics, when there are client test splits."""
@@ -452,18 +455,46 @@ class FederatedLightningModule(LightningModule):
             self.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=False)
 
     def on_validation_start(self) -> None:
+        self.refresh_evaluated_model()
         if self.trainer.state.fn == "validate":
             warn_if_untrained(self)
 
     def on_test_start(self) -> None:
+        self.refresh_evaluated_model()
         warn_if_untrained(self)
 
     def on_predict_start(self) -> None:
+        self.refresh_evaluated_model()
         warn_if_untrained(self)
 
+    def evaluated_params(self, params: Tensors | None = None) -> Tensors:
+        """The weights the global model x (or ``params``, a model's parameters by name) is evaluated with: each
+        federated callback's ``transform_evaluated_params`` in turn, i.e. the model clients compute with when they
+        start from x. x itself unless one changes it: TopK(x) when clients prune in the forward pass only
+        (FedComLoc-Local, an STE), where x stays dense because clients update, and resume from, the dense x."""
+        out = dict(self.global_model.named_parameters()) if params is None else dict(params)
+        for cb in self.federated_callbacks:
+            out = cb.transform_evaluated_params(self._trainer, self, out)
+        return out
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """The model that validation, test, predict and ``sparsity/density`` evaluate, with the weights of
+        :meth:`evaluated_params`: :attr:`global_model` itself, or a copy of it (not in checkpoints, which hold the
+        global model) when a callback transforms them. Export this one to deploy what was evaluated."""
+        return self.refresh_evaluated_model()
+
+    def refresh_evaluated_model(self) -> nn.Module:
+        """Load :meth:`evaluated_params` of the current global model into the evaluated model, and return it."""
+        params = dict(self.global_model.named_parameters())
+        out = self.evaluated_params(params)
+        same = all(out[k] is v for k, v in params.items())
+        return self.evaluation.use(None if same else out)
+
     def evaluate_global(self, datamodule: FederatedDataModule | None = None) -> dict[str, Tensor]:
-        """Loss (and accuracy) of the global model on the held-out split of ``datamodule`` (default: the
-        Trainer's)."""
+        """Loss (and accuracy) of the evaluated model (:attr:`evaluated_model`: the global model, as clients
+        compute with it) on the held-out split of ``datamodule`` (default: the Trainer's)."""
+        self.refresh_evaluated_model()
         return self.evaluation.over(datamodule if datamodule is not None else self._datamodule(), self.device)
 
     def evaluate_clients(self, datamodule: FederatedDataModule | None = None, stage: str = "val") -> dict[str, Tensor]:

@@ -4,8 +4,11 @@
 Stages, each followed by the hooks of :class:`~fl_lightning.callbacks.FederatedCallback` of the same name::
 
     x̂_i (the cohort's models)  ─ on_before_uplink ─►  u_i = x̂_i ─ on_uplink, on_compress_uplink ─►
-    x̄ = Σ_i w_i u_i ─ on_aggregate ─► x⁺ ─ on_broadcast ─► b ─ on_receive ─► x_i ← received; the global model
-    ← received ─ on_round_end
+    x̄ = Σ_i w_i u_i ─ on_mean ─► x̄ ─ on_aggregate ─► x⁺ ─ on_broadcast ─► b ─ on_receive ─► x_i ← received;
+    the global model ← received ─ on_round_end
+
+``on_mean`` is the server's first look at the sum (e.g. DP noise, :class:`~fl_lightning.callbacks.DifferentialPrivacy`):
+whatever reads ``rnd.mean`` later — the server model, the control variates' reference — sees its result.
 
 Hooks *replace* dict entries (``rnd.server[k] = topk(...)``) rather than modifying tensors in place: ``mean``,
 ``server``, ``broadcast`` and ``received`` start as shallow copies of each other. A hook may send further
@@ -51,7 +54,8 @@ class Round:
     - ``uplink``: u_i, what each client sends; starts as a copy of x̂_i (stacked).
     - ``uplink_bits``: bits per client [c]; a compressor that knows its exact cost sets it,
       otherwise the round measures the sparse/dense encoding of ``uplink``.
-    - ``mean``: x̄ = Σ_i w_i u_i with the round's normalised weights ``weights`` [c].
+    - ``mean``: x̄ = Σ_i w_i u_i with the round's normalised weights ``weights`` [c] (reduced over processes);
+      ``on_mean`` may replace its entries, before anything else reads them.
     - ``server``: x⁺, the server's model (x̄, or TopK(x̄) when the server prunes).
     - ``broadcast``: b = C_down(x⁺), what the server sends; ``downlink_bits`` as for the uplink.
     - ``receivers``: how many clients the broadcast goes to (the cohort over all processes).
@@ -148,6 +152,7 @@ def communicate(module: FederatedLightningModule, cohort: Cohort, round_length: 
         rnd.mean = {k: global_params[k].detach().clone() for k in rnd.uplink}
     else:
         rnd.mean = {k: module.reduce(torch.tensordot(weights.to(u.dtype), u, dims=1)) for k, u in rnd.uplink.items()}
+    call("on_mean", rnd)
     rnd.server = dict(rnd.mean)
     call("on_aggregate", rnd)
     rnd.broadcast = dict(rnd.server)

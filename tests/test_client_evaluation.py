@@ -192,6 +192,22 @@ def test_client_metrics_are_logged_every_eval_every_rounds_and_in_the_validation
     assert all(r.get("val/client_acc_p10") and r.get("val/client_loss_mean") for r in logged)
 
 
+def test_fedcomloc_local_clients_are_scored_with_the_model_they_compute_with() -> None:
+    """FedComLoc-Local clients run TopK(x) forward: the client metrics are those of the evaluated model (TopK(x)),
+    like val/acc, not of the dense x."""
+    from fl_lightning.algorithms import FedComLoc
+
+    dm = small_datamodule()
+    L.seed_everything(0)
+    module = fit(FederatedLightningModule(model(), lr=0.2, loss="cross_entropy",
+                                          algorithm=FedComLoc(p=0.5, mode="fixed", variant="local", density=0.3)),
+                 dm, 6)
+    pruned, _ = reference_scores(module, dm, [module.evaluated_model] * len(SIZES))
+    dense, _ = reference_scores(module, dm)
+    np.testing.assert_allclose(module.client_metrics["client_loss"].numpy(), pruned, rtol=TOL, equal_nan=True)
+    assert not np.allclose(pruned, dense, equal_nan=True)
+
+
 def test_regression_reports_loss_statistics_over_clients() -> None:
     g = torch.Generator().manual_seed(0)
     clients = [(torch.randn(m, 3, generator=g), torch.randn(m, 1, generator=g)) for m in (6, 8, 10)]
@@ -335,7 +351,7 @@ def test_resume_mid_round_with_personal_parameters_and_personalization_is_exact(
         dm = small_datamodule()
         L.seed_everything(0)
         module = FederatedLightningModule(model(), lr=0.1, loss="cross_entropy",
-                                          algorithm=SparseProxSkip(p=0.3, density=0.5, seed=1),
+                                          algorithm=SparseProxSkip(p=0.25, density=0.5, seed=1),
                                           personal_params=["2.*"], personalize_steps=2, eval_every=1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -369,6 +385,20 @@ def test_personal_buffers_stay_local_too() -> None:
     net = nn.Sequential(nn.Linear(DIM, 4), nn.BatchNorm1d(4), nn.Linear(4, CLASSES))
     assert personal_names(net, ["1.*"]) == {"1.weight", "1.bias", "1.running_mean", "1.running_var",
                                             "1.num_batches_tracked"}
+
+
+def test_fedbn_keeps_normalisation_statistics_on_the_clients() -> None:
+    """BatchNorm in training mode runs the sequential client loop; evaluation (eval mode) still runs batched."""
+    dm = FederatedDataModule("digits", num_clients=4, client_test_fraction=0.2, batch_size=8, seed=0)
+    L.seed_everything(0)
+    net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    module = fit(FederatedLightningModule(net, lr=0.1, loss="cross_entropy", algorithm=FedAvg(local_steps=2),
+                                          personal_params=["1.*"], personalize_steps=2), dm, 6)
+    assert module.vectorized is False
+    stats = module.clients.model_buffers["1.running_mean"]
+    assert not torch.allclose(stats[0], stats[1]), "each client's own statistics, not averaged"
+    assert torch.equal(module.global_model[1].running_mean, torch.zeros(16))
+    assert {"val/client_acc_mean", "val/personal_acc_mean"} <= module.final_metrics.keys()
 
 
 @pytest.mark.parametrize("steps", [-1, 1.5, True])

@@ -132,16 +132,22 @@ def test_fixed_mode_communicates_exactly_every_k_steps(k: int, steps: int, seed:
 
 @settings(derandomize=True, deadline=None)
 @given(p=st.floats(min_value=0.01, max_value=1.0))
-def test_fixed_mode_from_p_uses_k_equal_round_one_over_p(p: float) -> None:
-    schedule = SkipSchedule(p=p, mode="fixed", seed=0)
+def test_fixed_mode_from_p_runs_k_equal_one_over_p_or_refuses_p_that_is_not_one_over_an_integer(p: float) -> None:
     k = max(1, round(1.0 / p))
+    if abs(1.0 / p - k) > 1e-9 * (1.0 / p):  # p = 0.4 would run as p = 0.5: refused, not rounded
+        with pytest.raises(ValueError, match=r"1/p must be an integer.*mode='bernoulli'"):
+            SkipSchedule(p=p, mode="fixed", seed=0)
+        p = 1.0 / k
+    schedule = SkipSchedule(p=p, mode="fixed", seed=0)
     assert round_lengths(schedule, 5) == [k] * 5
-    assert schedule.p == 1.0 / k  # the control variates use the realised 1/k, not the requested p
+    assert schedule.p == 1.0 / k  # the control variates use 1/k
 
 
 @settings(derandomize=True, deadline=None, max_examples=30)
 @given(p=st.floats(min_value=0.05, max_value=1.0), mode=st.sampled_from(["bernoulli", "fixed", "geometric"]),
        seed=st.integers(min_value=0, max_value=2**32))
 def test_same_seed_gives_the_same_coins(p: float, mode: str, seed: int) -> None:
+    if mode == "fixed":
+        p = 1.0 / round(1.0 / p)  # a fixed schedule takes only p = 1/k
     a, b = SkipSchedule(p=p, mode=mode, seed=seed), SkipSchedule(p=p, mode=mode, seed=seed)
     assert [a.step() for _ in range(300)] == [b.step() for _ in range(300)]

@@ -55,6 +55,7 @@ PRESETS: dict[str, Callable[[], list[Callback]]] = {
     "server_pruning": lambda: server_pruning(p=0.3, mode="geometric", density=0.5),
     "randprox_l1": lambda: randprox_l1(p=0.3, lam=0.05),
     "fedcomloc_quantize": lambda: fedcomloc(p=0.3, mode="bernoulli", variant="com", method="quantize", bits=2),
+    "fedcomloc_local": lambda: fedcomloc(p=0.25, variant="local", density=0.5),  # evaluated as TopK(x), x dense
 }
 
 
@@ -308,6 +309,8 @@ def test_resume_restores_a_seed_dependent_partition_and_its_client_weights(tmp_p
 def test_schedule_state_restored_at_any_step_continues_with_the_same_coins(p: float, mode: str, seed: int,
                                                                            split: int) -> None:
     """Mid-round included (fixed/geometric keep the position in the round and the drawn length)."""
+    if mode == "fixed":
+        p = 1.0 / round(1.0 / p)  # a fixed schedule takes only p = 1/k (SkipSchedule refuses others)
     original = SkipSchedule(p=p, mode=mode, seed=seed)
     for _ in range(split):
         original.step()

@@ -11,7 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from fl_lightning import FederatedDataModule, FederatedLightningModule
+from fl_lightning import metric_keys as keys
 from fl_lightning.algorithms import (
+    FedComLoc,
     fedavg,
     fedcomloc,
     proxskip,
@@ -97,6 +99,37 @@ def test_control_variates_stay_zero_sum_after_every_round(preset) -> None:
     assert all(total <= 1e-12 * norm for total, norm in zip(log.h_sum, log.h_norm)), log.h_sum
 
 
+class SumNormLog(FederatedCallback):
+    """``cv/sum_norm`` (as the module logs it) and ‖h‖ over all clients, after every round."""
+
+    def __init__(self) -> None:
+        self.relative: list[float] = []
+
+    def on_round_end(self, trainer, module, rnd) -> None:
+        h = module.clients.extra["cv_h"]
+        norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in h.values()))
+        assert norm > 1.0  # non-trivial control variates: the ratio below is not 0/0
+        self.relative.append(float(module.round_metrics[keys.CV_SUM_NORM]) / norm)
+
+
+def test_local_uplink_keeps_the_control_variates_zero_sum_to_float32_rounding_over_2000_rounds() -> None:
+    """``uplink="local"`` (Sparse-ProxSkip) never sends −(γ/p)h_i, so nothing corrects a round's rounding error in
+    Σ_i w_i h_i in the next: without re-centring, float32 ‖Σ w_i h_i‖/‖h‖ grew from 6e-6 (rounds 0-100) to 2.6e-4
+    (rounds 1900-2000) on this problem. Re-centred after every round it stays at 1.4e-8 / 7e-9 (measured)."""
+    clients = [(A.float(), b.float()) for A, b in sparse_regression(n=5, d=30, m=40)]
+    log = SumNormLog()
+    model = nn.Linear(30, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    dm = FederatedDataModule.from_client_tensors(clients, batch_size=None, seed=0)
+    module = FederatedLightningModule(model, lr=0.5 / smoothness(clients), loss="mse")
+    make_trainer(2000, [*sparse_proxskip(p=1.0, density=0.3), log]).fit(module, datamodule=dm)  # k = 1: 2000 rounds
+    assert len(log.relative) == 2000
+    # float32 unit roundoff is 6e-8: one round's Σ of 5 rounded terms and its correction stay within a few of it
+    assert max(log.relative) < 2e-7, max(log.relative)
+    # ...and it does not grow: the last 100 rounds are no worse than the first 100 (drift gave 40x)
+    assert max(log.relative[-100:]) <= 2 * max(log.relative[:100]), (log.relative[:100], log.relative[-100:])
+
+
 def test_server_pruning_feeds_the_pruned_mass_into_the_control_variates() -> None:
     """Naive server pruning (r = TopK(x̄)): after every round Σ_i w_i h_i = (p/γ)(TopK(x̄) − x̄) ≠ 0 (DESIGN §1.2)."""
     clients = sparse_regression(n=5, d=30)
@@ -170,6 +203,108 @@ def test_randprox_l1_converges_to_the_lasso_minimiser() -> None:
     assert err < 1e-10
 
 
+def ista(clients, lam: float, L: float, iters: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The minimiser of f + λ‖·‖₁ (f = mean_i f_i) by centralised proximal gradient, float64, and ∇f there."""
+    n, d = len(clients), clients[0][0].shape[1]
+    A = torch.cat([a / math.sqrt(len(b)) for a, b in clients])
+    b = torch.cat([y / math.sqrt(len(y)) for _, y in clients])
+
+    def grad(x: torch.Tensor) -> torch.Tensor:
+        return 2.0 / n * A.T @ (A @ x - b)
+
+    x = torch.zeros(d, dtype=torch.float64)
+    for _ in range(iters):
+        x = soft_threshold(x - grad(x) / L, lam / L)
+    return x, grad(x)
+
+
+class UplinkLog(FederatedCallback):
+    """What the clients send in every round (after any compression), and whether it is the prox output x̂_i."""
+
+    def __init__(self) -> None:
+        self.sent: list[torch.Tensor] = []
+        self.is_local: list[bool] = []
+
+    def on_compress_uplink(self, trainer, module, rnd) -> None:
+        self.sent.append(rnd.uplink["weight"].detach().clone())
+        self.is_local.append(rnd.uplink["weight"] is rnd.local["weight"])
+
+
+def test_randprox_l1_reports_the_sparsity_of_its_solution_and_bills_the_sparse_prox_outputs_it_sends() -> None:
+    """float32, a lasso whose minimiser has 10 zeros out of 30. Clients send the prox output x̂_i (exact zeros off
+    its support) and x̄ = Σ_i w_i x̂_i keeps those zeros, so ``sparsity/density`` is the model's nnz fraction (it
+    read 1.000 with the shifted uplink, whose (γ/p)Σ_i w_i h_i left ~1.5e-8 residues there) and the uplink costs
+    the sparse encoding of each x̂_i (it was billed ~dense, 1,342,422 of 1,344,000 bits)."""
+    clients64 = sparse_regression(n=5, d=30, m=40, seed=0)
+    L, lam = smoothness(clients64), 2.0
+    x_star, grad = ista(clients64, lam, L)
+    support = x_star != 0
+    # a robust support: every zero of x* has |∇f_j| ≤ λ − 0.02, every non-zero |x*_j| ≥ 0.02, far above float32's
+    # 1e-6 error, so the float32 run must find exactly this support
+    assert int((~support).sum()) == 10
+    assert (lam - grad[~support].abs()).min() > 0.02 and x_star[support].abs().min() > 0.02
+    clients = [(A.float(), b.float()) for A, b in clients64]
+    model = nn.Linear(30, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    dm = FederatedDataModule.from_client_tensors(clients, batch_size=None, seed=0)
+    module = FederatedLightningModule(model, lr=1.0 / L, loss="mse")
+    log = UplinkLog()
+    make_trainer(1000, [*randprox_l1(p=0.3, lam=lam, seed=1), log]).fit(module, datamodule=dm)
+    w = module.global_model.weight[0]
+    assert module.round_index == len(log.sent) > 200
+    torch.testing.assert_close(w.double(), x_star, rtol=0, atol=1e-4)  # float32 of a converged run
+    assert torch.equal(w != 0, support)  # exact zeros where the solution is zero, none elsewhere
+    reported = float(module.round_metrics[keys.DENSITY])
+    assert reported == float((w != 0).float().mean())  # the same float32 nnz/d
+    assert reported == pytest.approx(20 / 30, rel=1e-7)  # 2/3 rounded to float32
+    # the uplink: x̂_i itself, billed at the cheapest encoding of its non-zeros (DESIGN §2.4), d = 30 → 5 index bits
+    assert all(log.is_local)
+    nnz = torch.stack([(u != 0).sum(dim=(1, 2)) for u in log.sent]).double()  # [rounds, clients]
+    by_hand = torch.minimum(torch.minimum(torch.full_like(nnz, 32.0 * 30), nnz * (32 + 5)), 30 + 32 * nnz)
+    assert float(module.comm.bits_up) == float(by_hand.sum())
+    assert torch.equal(nnz[-1], torch.full((5,), 20.0, dtype=torch.float64))  # at the end: the solution's support
+    assert float(module.comm.bits_up) < 0.75 * len(log.sent) * 5 * 32 * 30  # measured 0.70 of dense
+
+
+def test_fedcomloc_local_evaluates_and_reports_the_pruned_model_clients_compute_with_while_keeping_x_dense() -> None:
+    """FedComLoc-Local: clients compute with TopK(x_i) and update the dense x_i (STE), so after a round they all start
+    from the dense x̄ and compute with TopK(x̄). The global model (what checkpoints hold and runs resume from) stays
+    x̄; validation, ``evaluate_global``, predict and ``sparsity/density`` use TopK(x̄). Before, they used the dense x̄:
+    density 1.0 and the dense model's loss, a model no client ever ran."""
+    clients = sparse_regression(n=5, d=30)
+    test = (torch.cat([A for A, _ in clients]), torch.cat([b for _, b in clients]))
+    model = nn.Linear(30, 1).double()
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    dm = FederatedDataModule.from_client_tensors(clients, test=test, batch_size=None, seed=0)
+    algorithm = FedComLoc(variant="local", density=0.2, p=0.25)
+    module = FederatedLightningModule(model, lr=0.5 / smoothness(clients), loss="mse", algorithm=algorithm)
+    make_trainer(200, []).fit(module, datamodule=dm)
+    x = dict(module.global_model.named_parameters())
+    assert module.round_index == 50 and int((x["weight"] != 0).sum()) == 30  # x̄ itself is dense
+    assert all(torch.equal(module.clients.x[k][i], x[k]) for k in x for i in range(5))  # clients start from x̄
+    pruned = topk({"weight": x["weight"]}, 0.2, stacked=False)["weight"]  # TopK_δ of the weights, ⌈0.2·30⌉ = 6
+    evaluated = dict(module.evaluated_model.named_parameters())
+    assert torch.equal(evaluated["weight"], pruned) and torch.equal(evaluated["bias"], x["bias"])
+    assert float(module.round_metrics[keys.DENSITY]) == pytest.approx((6 + 1) / 31, rel=1e-7)  # weights + bias
+
+    def mse(w: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((test[0] @ w[0] + b - test[1]) ** 2).mean())
+
+    sparse_loss, dense_loss = mse(pruned, x["bias"]), mse(x["weight"], x["bias"])
+    # trained through TopK, the dense x̄ is not what fits: measured 326 (TopK(x̄)) against 1159 (x̄), so the checks
+    # below tell the two apart by far
+    assert dense_loss > 2 * sparse_loss, (dense_loss, sparse_loss)
+    # the metrics accumulate in float32 (a float64 model's loss rounded once): 1e-6 relative
+    assert float(module.evaluate_global()[keys.VAL_LOSS]) == pytest.approx(sparse_loss, rel=1e-6)
+    validated = make_trainer(0, [], limit_val_batches=1.0).validate(module, datamodule=dm, verbose=False)[0]
+    assert validated[keys.VAL_LOSS] == pytest.approx(sparse_loss, rel=1e-6)
+    # the checkpoint's state is the dense global model, under the keys it always had (no copy of the evaluated one)
+    state = module.state_dict()
+    assert torch.equal(state["global_model.weight"], x["weight"])
+    assert not any(k.startswith("evaluation.") and "weight" in k for k in state), sorted(state)
+
+
 def test_sparse_proxskip_uplink_is_the_sparse_encoding_of_k_entries() -> None:
     clients = sparse_regression(n=10, d=100)
     gamma = 0.5 / smoothness(clients)
@@ -209,7 +344,7 @@ def _describe(callbacks: list) -> dict[str, object]:
                                                     "topk": ("forward", "round")}),
     (server_pruning(), {"schedule": "fixed", "r": "broadcast", "uplink": "shifted", "topk": ("server",)}),
     (server_pruning_modified(), {"schedule": "fixed", "r": "mean", "uplink": "shifted", "topk": ("server",)}),
-    (randprox_l1(), {"schedule": "bernoulli", "r": "mean", "uplink": "shifted", "prox": "l1"}),
+    (randprox_l1(), {"schedule": "bernoulli", "r": "mean", "uplink": "local", "prox": "l1"}),
     (fedcomloc(variant="local"), {"schedule": "fixed", "r": "mean", "uplink": "shifted", "topk": ("forward",)}),
     (fedcomloc(variant="local", method="quantize"), {"schedule": "fixed", "r": "mean", "uplink": "shifted",
                                                      "compress": ("forward", "quantize")}),

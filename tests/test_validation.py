@@ -87,6 +87,10 @@ AT_CONSTRUCTION: list[Any] = [
     pytest.param(lambda: SkipSchedule(k=0), r"SkipSchedule k \(local steps per round\) must be an integer >= 1",
                  id="SkipSchedule-k=0"),
     pytest.param(lambda: SkipSchedule(p=0.3, k=2), r"give p or k, not both", id="SkipSchedule-p-and-k"),
+    pytest.param(lambda: SkipSchedule(p=0.4, mode="fixed"), r"SkipSchedule p=0\.4 with mode='fixed'.*1/p must be an "
+                 r"integer", id="SkipSchedule-fixed-p=0.4"),
+    pytest.param(lambda: sparse_proxskip(p=0.3, density=0.5), r"SkipSchedule p=0\.3 with mode='fixed'",
+                 id="sparse_proxskip-p=0.3"),
     pytest.param(lambda: SkipSchedule(p=0.5, mode="poisson"),
                  r"SkipSchedule mode must be one of \('bernoulli', 'fixed', 'geometric'\)", id="SkipSchedule-mode"),
     pytest.param(lambda: fedavg(local_steps=0), r"SkipSchedule k \(local steps per round\) must be an integer >= 1",

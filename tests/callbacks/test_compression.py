@@ -224,3 +224,24 @@ def test_setup_derives_a_seed_per_direction_and_refuses_two_compressors_on_one()
     twice = Compression("uplink", "topk", density=0.5)
     with pytest.raises(ValueError, match="two Compression callbacks on the uplink"):
         twice.setup(stand_in_trainer([up, twice]), module, "fit")
+
+
+@pytest.mark.parametrize("direction", ["forward", "uplink", "downlink"])
+def test_the_global_model_is_evaluated_quantised_only_when_clients_compute_with_the_quantised_model(direction) -> None:
+    """``forward``: clients compute with Q(x) (nearest level), so x is evaluated as Q(x), every tensor; on the wire
+    clients compute with the x they receive, evaluated as it is."""
+    from fl_lightning.ops import quantize
+
+    module = make_module(n=2)
+    cb = Compression(direction, "quantize", bits=2)
+    x = dict(module.global_model.named_parameters())
+    with torch.no_grad():
+        for k, v in randn_like_all(x, seed=3).items():
+            x[k].copy_(v)
+    out = cb.transform_evaluated_params(None, module, x)
+    for k in x:
+        if direction == "forward":
+            assert torch.equal(out[k], quantize(x[k], bits=2, stochastic=False, stacked=False))
+            assert not torch.equal(out[k], x[k])  # 3 levels: the quantised tensor differs
+        else:
+            assert out[k] is x[k]

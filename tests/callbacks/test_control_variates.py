@@ -131,3 +131,50 @@ def test_one_round_from_any_h_makes_the_weighted_sum_of_h_zero() -> None:
 def test_state_dict_holds_the_configuration() -> None:
     cb = ControlVariates(reference="broadcast")
     assert cb.state_dict() == {"reference": "broadcast", "uplink": "shifted"}
+
+
+@pytest.mark.parametrize("members", COHORTS.values(), ids=COHORTS.keys())
+def test_local_uplink_round_recentres_the_participants_so_the_weighted_sum_over_all_clients_is_zero(members) -> None:
+    """uplink="local": after h_i ← h_i + (p/γ)(x̄ − x̂_i) the participants subtract s / W_S (s = Σ_j w_j h_j over all
+    n clients, W_S the cohort's weight), so Σ_j w_j h_j = 0 whatever it was; clients outside the cohort keep their
+    h_i. From random (far from zero-sum) h the correction is large, so a wrong s, W_S or set of rows shows."""
+    module, cb, p = prepared(uplink="local")
+    rnd = make_round(module, members)
+    rnd.mean = {k: torch.tensordot(rnd.weights, u, dims=1) for k, u in rnd.local.items()}  # x̄ = Σ w̃_i x̂_i
+    rnd.broadcast = dict(rnd.mean)
+    before = h_of(module)
+    w = torch.tensor(WEIGHTS, dtype=torch.float64)
+    ids = rnd.cohort.ids.tolist()
+    share = float(w[ids].sum())
+    cb.on_receive(stand_in_trainer(), module, rnd)
+    after = h_of(module)
+    for k in before:
+        updated = before[k].clone()
+        for j, i in enumerate(ids):
+            updated[i] += (p / GAMMA) * (rnd.mean[k] - rnd.local[k][j])
+        s = torch.tensordot(w, updated, dims=1)
+        assert s.norm() > 0.1  # the random h_i are far from zero-sum: the correction is not negligible
+        for i in range(4):
+            # float64, entries ≤ ~30: a few roundings, ≤ 1e-13; a wrong divisor W_S is off by ≥ 0.1·|s|
+            expected = updated[i] - s / share if i in ids else before[k][i]
+            torch.testing.assert_close(after[k][i], expected, rtol=0, atol=1e-13)
+        assert torch.tensordot(w, after[k], dims=1).norm() < 1e-13  # zero-sum over all clients again
+
+
+def test_local_uplink_recentring_changes_nothing_when_the_control_variates_are_zero_sum() -> None:
+    """In exact arithmetic Σ_j w_j h_j = 0 before a round, and the round keeps it: the re-centring subtracts s = 0.
+    In float64 it moves h by the rounding of s only (≤ 1e-15 here), far below what the tests against the
+    references (1e-12 and tighter on x) can see."""
+    module, cb, p = prepared(uplink="local")
+    h = module.clients.extra[ControlVariates.STATE]
+    w = torch.tensor(WEIGHTS, dtype=torch.float64)
+    for v in h.values():  # make the random h zero-sum: h_i ← h_i − Σ_j w_j h_j
+        v.sub_(torch.tensordot(w, v, dims=1))
+    rnd = make_round(module)
+    rnd.mean = {k: torch.tensordot(rnd.weights, u, dims=1) for k, u in rnd.local.items()}
+    rnd.broadcast = dict(rnd.mean)
+    before = h_of(module)
+    cb.on_receive(stand_in_trainer(), module, rnd)
+    for k, v in h.items():
+        plain = before[k] + (p / GAMMA) * (rnd.mean[k].unsqueeze(0) - rnd.local[k])
+        torch.testing.assert_close(v, plain, rtol=0, atol=1e-14)

@@ -35,11 +35,31 @@ def lengths(flips: list[bool]) -> list[int]:
 
 
 def test_fixed_mode_communicates_every_kth_step_and_draws_nothing() -> None:
-    schedule = SkipSchedule(p=0.3, mode="fixed", seed=0)  # k = round(1/0.3) = 3, and p becomes 1/3
+    schedule = SkipSchedule(p=1 / 3, mode="fixed", seed=0)  # k = 1/p = 3 (a float within an ulp of 3)
     state = schedule.state_dict()["rng"]
     assert coins(schedule, 30) == [t % 3 == 2 for t in range(30)]
     assert schedule.k == 3 and schedule.p == 1 / 3
     assert schedule.state_dict()["rng"] == state  # no random number was drawn
+
+
+@pytest.mark.parametrize("p", [0.4, 0.3, 0.9, 0.333, 0.15])
+def test_fixed_mode_refuses_p_whose_inverse_is_not_an_integer(p: float) -> None:
+    """k = round(1/p) would run another algorithm silently (p = 0.4 as p = 0.5); the message says which p work."""
+    with pytest.raises(ValueError, match=r"SkipSchedule p=.* mode='fixed'.*1/p must be an integer.*"
+                                         r"Use p = 1/k .*mode='bernoulli' / 'geometric'"):
+        SkipSchedule(p=p, mode="fixed")
+    for mode in ("bernoulli", "geometric"):  # the random schedules take any p in (0, 1]
+        assert SkipSchedule(p=p, mode=mode).p == p
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 10, 20, 50, 100, 1000])
+def test_fixed_mode_accepts_p_given_as_a_float_of_one_over_k(k: int) -> None:
+    """1/k and its decimal spelling (0.1, 0.05, 0.001) are within a few ulps of 1/k, far inside the relative 1e-9;
+    10 significant digits (0.3333333333 for k = 3) are within ~1e-10 of it."""
+    for p in (1 / k, float(f"{1 / k:.10g}"), float(repr(1 / k))):
+        schedule = SkipSchedule(p=p, mode="fixed")
+        assert schedule.k == k and schedule.p == 1 / k
+        assert coins(schedule, 3 * k) == [t % k == k - 1 for t in range(3 * k)]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -284,3 +284,24 @@ def test_setup_fails_when_params_select_nothing() -> None:
     module = make_module(n=2, model=nn.LayerNorm(4))  # only 1-D parameters: nothing is a prunable weight
     with pytest.raises(ValueError, match="selects no parameter"):
         TopKPruning(0.5, at="server").setup(stand_in_trainer(), module, "fit")
+
+
+@pytest.mark.parametrize("at", [("forward",), ("forward", "round"), ("local", "received"), ("server",)])
+def test_the_global_model_is_evaluated_as_topk_only_when_clients_compute_with_topk_of_a_dense_model(at) -> None:
+    """STE (``forward``): clients compute with TopK(x) of the dense x they start from, so x is evaluated as TopK(x)
+    (the same δ, scope and selection; biases untouched). Elsewhere x is what clients use: evaluated as it is."""
+    module = make_module(n=2, model=nn.Linear(10, 3))
+    cb = TopKPruning(0.2, at=at)
+    cb.setup(stand_in_trainer([cb]), module, "fit")
+    x = dict(module.global_model.named_parameters())
+    with torch.no_grad():
+        x["weight"].copy_(torch.randn(3, 10, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    out = cb.transform_evaluated_params(None, module, x)
+    assert out["bias"] is x["bias"]
+    if "forward" in at:
+        kept = x["weight"].abs().flatten().sort(descending=True).values[:6]  # ⌈0.2·30⌉ = 6 largest magnitudes
+        assert int((out["weight"] != 0).sum()) == 6
+        assert torch.equal(out["weight"].abs().flatten().sort(descending=True).values[:6], kept)
+        assert torch.equal(out["weight"][out["weight"] != 0], x["weight"][out["weight"] != 0])
+    else:
+        assert out["weight"] is x["weight"]

@@ -45,8 +45,16 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fl_lightning import FederatedDataModule, FederatedLightningModule  # noqa: E402
-from fl_lightning.algorithms import fedadam, fedavg, fednova, proxskip, scaffold, sparse_proxskip  # noqa: E402
-from fl_lightning.callbacks import TopKPruning  # noqa: E402
+from fl_lightning.algorithms import (  # noqa: E402
+    dp_fedavg,
+    fedadam,
+    fedavg,
+    fednova,
+    proxskip,
+    scaffold,
+    sparse_proxskip,
+)
+from fl_lightning.callbacks import DifferentialPrivacy, TopKPruning  # noqa: E402
 from fl_lightning.cli import FederatedCLI, quiet_irrelevant_warnings  # noqa: E402
 from fl_lightning.strategy import FederatedDDPStrategy  # noqa: E402
 
@@ -69,6 +77,12 @@ def presets(seed: int) -> dict[str, Any]:
         "scaffold_cohort": lambda: scaffold(local_steps=3, cohort_size=3, server_lr=0.8, seed=seed),
         "fedadam": lambda: fedadam(local_steps=3, server_lr=0.05, seed=seed),
         "fednova_work": lambda: fednova(local_steps=3, min_local_steps=1, seed=seed),
+        # client-level DP (tests/test_privacy.py): a Poisson cohort (q = 2/5, some rounds empty or on one rank only)
+        # with central noise after the all-reduce; ProxSkip with adaptive clipping; local noise per client
+        "dp_fedavg": lambda: dp_fedavg(local_steps=3, cohort_size=2, clip_norm=0.3, noise_multiplier=0.7, seed=seed),
+        "dp_proxskip": lambda: [*proxskip(p=0.3, seed=seed),
+                                DifferentialPrivacy(0.3, 0.7, target_quantile=0.5, count_noise=1.0, seed=seed)],
+        "dp_local": lambda: dp_fedavg(local_steps=3, clip_norm=0.3, noise_multiplier=0.7, noise="local", seed=seed),
     }
 
 
