@@ -37,7 +37,7 @@ from fl_lightning.grid import Run
 from fl_lightning.plot import read_metrics, series
 from fl_lightning.progress import format_bits
 
-__all__ = ["figures", "grid_results", "least_squares_study", "main", "sparse_regression"]
+__all__ = ["figures", "grid_results", "least_squares_study", "main", "parse_variant", "sparse_regression"]
 
 DPI = 100
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -227,6 +227,21 @@ def _iht(clients: Sequence[tuple[Any, Any]], density: float, gamma: float, iters
     return _loss(clients, x)
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``"sparse_proxskip_local:prune_broadcast=false,scope=layer"`` → the preset's name and its options (YAML
+    values)."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"variant {text!r}: options are key=value, got {item!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return name, options
+
+
 LS_PRESETS = ("proxskip", "sparse_proxskip", "sparse_proxskip_local", "server_pruning", "server_pruning_modified")
 
 
@@ -260,10 +275,11 @@ def least_squares_study(out: str | Path, presets: Sequence[str] = LS_PRESETS,
         smooth = max(float(2 * torch.linalg.eigvalsh(A.T @ A / len(b)).max()) for A, b in clients)
         gamma = 0.5 / smooth
         iht = _iht(clients, density, gamma)
-        for preset in presets:
+        for label in presets:
+            preset, options = parse_variant(label)
             for p in ps:
                 cls = ALGORITHMS.get(preset)
-                kwargs: dict[str, Any] = {"p": p, "mode": "fixed"}
+                kwargs: dict[str, Any] = {"p": p, "mode": "fixed", **options}
                 if "density" in cls.__dataclass_fields__:
                     kwargs["density"] = density
                 log = _SumNorm()
@@ -275,7 +291,7 @@ def least_squares_study(out: str | Path, presets: Sequence[str] = LS_PRESETS,
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                           num_sanity_val_steps=0, callbacks=[log]).fit(module, datamodule=dm)
                 w = module.global_model.weight[0].detach()
-                records.append({"preset": preset, "p": p, "seed": seed, "loss": _loss(clients, w), "iht_loss": iht,
+                records.append({"preset": label, "p": p, "seed": seed, "loss": _loss(clients, w), "iht_loss": iht,
                                 "nnz": int((w != 0).sum()), "rounds": module.round_index, "sum_norm": log.values})
     result = {"density": density, "steps": steps, "gamma": "0.5 / L", "records": records,
               "seconds": time.perf_counter() - start}
@@ -340,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ls.add_argument("--out", required=True, help="directory for least_squares.json")
     ls.add_argument("--figure", default=None, help="also draw the figure to this file")
     ls.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ls.add_argument("--presets", nargs="+", default=list(LS_PRESETS),
+                    help="presets, or variants PRESET:KEY=VALUE,... (e.g. sparse_proxskip_local:prune_broadcast=false)")
     ls.add_argument("--p", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05, 0.02, 0.01])
     ls.add_argument("--steps", type=int, default=1000)
     ls.add_argument("--plot-only", action="store_true", help="redraw from DIR/least_squares.json")
@@ -351,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.plot_only:
         result = json.loads((Path(args.out) / "least_squares.json").read_text())
     else:
-        result = least_squares_study(args.out, ps=args.p, seeds=args.seeds, steps=args.steps)
+        result = least_squares_study(args.out, presets=args.presets, ps=args.p, seeds=args.seeds, steps=args.steps)
         print(f"least squares: {len(result['records'])} runs in {result['seconds']:.0f} s")
     if args.figure:
         plot_least_squares(result, args.figure)

@@ -61,3 +61,11 @@ def test_least_squares_check_shows_the_pruned_mass_in_the_naive_control_variates
     assert json.loads((tmp_path / "least_squares.json").read_text())["records"][0]["preset"] == "sparse_proxskip"
     study.plot_least_squares(result, tmp_path / "ls.png")
     assert (tmp_path / "ls.png").stat().st_size > 10_000
+
+
+def test_a_variant_names_a_preset_and_its_options() -> None:
+    assert study.parse_variant("server_pruning") == ("server_pruning", {})
+    assert study.parse_variant("sparse_proxskip_local:prune_broadcast=false,scope=layer") == (
+        "sparse_proxskip_local", {"prune_broadcast": False, "scope": "layer"})
+    with pytest.raises(ValueError, match="options are key=value"):
+        study.parse_variant("sparse_proxskip:scope")
