@@ -15,6 +15,14 @@ metrics is written as Markdown and CSV::
     baseline: proxskip                                   # optional: a "Δ vs proxskip" accuracy column
     out: results/fashion_mnist
 
+Optional, for studies: ``lr: [0.05, 0.1, 0.2]`` sweeps the step size γ (``--model.lr``; run names gain
+``-lr<γ>``), and ``tune: {metric: val/client_acc_mean, mode: max, seeds: [0]}`` chooses one γ per (preset, δ, p)
+instead of running them all: every γ runs on the tuning seeds, the γ with the best mean ``metric`` is chosen, and
+the other seeds run with that γ only (a tuning run at the chosen γ is that seed's result). Tune on a split held out
+of the *training* data (e.g. ``--data.client_test_fraction 0.1`` in ``args`` and ``val/client_acc_mean``, every
+client's held-out part), never on the test set that ``val/acc`` reports. ``tuning.md`` lists every γ tried.
+``summary.md`` / ``summary.csv`` aggregate the seeds of each (preset, δ, p): mean ± sample std (n − 1).
+
 Each run logs to ``<out>/runs/<name>/`` (CSV) and writes ``<out>/runs/<name>/final.json``; a run whose
 ``final.json`` exists is not run again, as long as it was made with the same fully resolved config (every
 config file's contents, ``args`` and the grid's values, as ``train.py fit --print_config`` would print it; its
@@ -47,6 +55,8 @@ from fl_lightning.algorithms import ALGORITHMS
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL_METRICS = (keys.VAL_ACC, keys.VAL_LOSS, keys.ROUNDS, keys.BITS_UP, keys.BITS_DOWN, keys.DENSITY)
+#: Also kept in ``final.json`` when a run logs them (tuning on client splits, the control variates' sum).
+EXTRA_METRICS = (keys.CLIENT_ACC_MEAN, keys.CLIENT_LOSS_MEAN, keys.CV_SUM_NORM)
 
 
 def _options(preset: str) -> set[str]:
@@ -62,11 +72,28 @@ class Run:
     density: float | None
     p: float
     seed: int
+    lr: float | None = None  #: γ, when the grid sweeps it (else the configs' ``model.lr``)
 
     @property
     def name(self) -> str:
         dens = "" if self.density is None else f"-d{self.density:g}"
-        return f"{self.preset}{dens}-p{self.p:g}-s{self.seed}"
+        lr = "" if self.lr is None else f"-lr{self.lr:g}"
+        return f"{self.preset}{dens}-p{self.p:g}{lr}-s{self.seed}"
+
+    @property
+    def cell(self) -> tuple[str, float | None, float]:
+        """(preset, δ, p): the point seeds and step sizes are taken over."""
+        return (self.preset, self.density, self.p)
+
+
+@dataclass(frozen=True)
+class Tune:
+    """Choose γ per (preset, δ, p) by ``metric`` (``mode`` max or min, mean over ``seeds``)."""
+
+    metric: str = keys.CLIENT_ACC_MEAN
+    mode: str = "max"
+    seeds: tuple[int, ...] = (0,)
+    p: tuple[float, ...] | None = None  #: tune only at these p; the chosen γ of a (preset, δ) then serves every p
 
 
 @dataclass
@@ -80,6 +107,8 @@ class Grid:
     args: list[str] = field(default_factory=list)
     baseline: str | None = None
     out: str = "results/grid"
+    lr: list[float] | None = None
+    tune: Tune | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Grid:
@@ -98,13 +127,53 @@ class Grid:
             raise ValueError(f"grid file {path}: algorithm_args {unused} are taken by none of the presets")
         if raw.get("baseline") is not None and raw["baseline"] not in raw["presets"]:
             raise ValueError(f"grid file {path}: baseline {raw['baseline']!r} must be one of presets {raw['presets']}")
+        if raw.get("lr") is not None:
+            lrs = raw["lr"]
+            if not isinstance(lrs, list) or not lrs or not all(isinstance(v, (int, float)) and v > 0 for v in lrs):
+                raise ValueError(f"grid file {path}: lr must list step sizes > 0, got {lrs!r}")
+            raw["lr"] = [float(v) for v in lrs]
+        if raw.get("tune") is not None:
+            spec = dict(raw["tune"])
+            unknown = set(spec) - {"metric", "mode", "seeds", "p"}
+            if unknown:
+                raise ValueError(f"grid file {path}: unknown tune keys {sorted(unknown)} (metric, mode, seeds, p)")
+            tune = Tune(**{**spec, "seeds": tuple(spec.get("seeds", (0,))),
+                           "p": None if spec.get("p") is None else tuple(float(v) for v in spec["p"])})
+            if tune.p is not None and (not tune.p or set(tune.p) - set(raw.get("p", [0.2]))):
+                raise ValueError(f"grid file {path}: tune p {list(tune.p)} must be among p {raw.get('p', [0.2])}")
+            if not raw.get("lr"):
+                raise ValueError(f"grid file {path}: tune needs the step sizes to choose from in lr")
+            if tune.mode not in ("max", "min"):
+                raise ValueError(f"grid file {path}: tune mode must be 'max' or 'min', got {tune.mode!r}")
+            missing = sorted(set(tune.seeds) - set(raw.get("seed", [0])))
+            if missing or not tune.seeds:
+                raise ValueError(f"grid file {path}: tune seeds {list(tune.seeds)} must be among seed "
+                                 f"{raw.get('seed', [0])}")
+            raw["tune"] = tune
         return cls(**raw)
 
-    def runs(self) -> list[Run]:
-        runs: list[Run] = []
-        for preset, p, seed in itertools.product(self.presets, self.p, self.seed):
+    def _cells(self) -> list[tuple[str, float | None, float]]:
+        cells = []
+        for preset, p in itertools.product(self.presets, self.p):
             for density in self.density if "density" in _options(preset) else [None]:
-                runs.append(Run(preset, density, p, seed))
+                cells.append((preset, density, p))
+        return cells
+
+    def runs(self, chosen: dict[tuple[str, float | None, float], float] | None = None) -> list[Run]:
+        """Every run (without ``tune``); with ``tune``, the tuning runs, or with ``chosen`` (γ per cell, see
+        :func:`choose_lr`) the runs of every seed at its cell's chosen γ."""
+        if self.tune is not None and chosen is None:
+            return [Run(*cell, seed, lr) for cell in self._cells() for lr in self.lr or [None]
+                    for seed in self.seed if seed in self.tune.seeds
+                    if self.tune.p is None or cell[2] in self.tune.p]
+        runs: list[Run] = []
+        for preset, density, p in self._cells():
+            for seed in self.seed:
+                if chosen is not None:
+                    if (preset, density, p) in chosen:
+                        runs.append(Run(preset, density, p, seed, chosen[(preset, density, p)]))
+                else:
+                    runs += [Run(preset, density, p, seed, lr) for lr in self.lr or [None]]
         return runs
 
 
@@ -127,6 +196,8 @@ def command(grid: Grid, run: Run) -> list[str]:
     elif "local_steps" in options:  # FedAvg: k = 1/p local steps per round, like the fixed schedule of the others
         cmd += ["--model.algorithm.local_steps", str(max(1, round(1 / run.p)))]
     cmd += ["--seed_everything", str(run.seed)]
+    if run.lr is not None:
+        cmd += ["--model.lr", str(run.lr)]
     if run.density is not None:
         cmd += ["--model.algorithm.density", str(run.density)]
     for key, value in grid.algorithm_args.items():
@@ -205,6 +276,10 @@ def execute(grid: Grid, run: Run, log: Any = None, digest: str | None = None) ->
     metrics = final_metrics(run_dir / "metrics.csv")
     result = {"name": run.name, "preset": run.preset, "density": run.density, "p": run.p, "seed": run.seed,
               **{k: metrics.get(k) for k in FINAL_METRICS}, "config_sha256": digest}
+    if run.lr is not None:
+        result["lr"] = run.lr
+    wanted = EXTRA_METRICS + ((grid.tune.metric,) if grid.tune is not None else ())
+    result.update({k: metrics[k] for k in wanted if k in metrics})
     done.write_text(json.dumps(result, indent=1))
     if log is not None:
         log(f"done {run.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()
@@ -239,7 +314,8 @@ def write_tables(results: Sequence[dict[str, Any]], out: Path, baseline: str | N
     p and seed, in percentage points.
     """
     out.mkdir(parents=True, exist_ok=True)
-    cols = ["preset", "density", "p", "seed", *FINAL_METRICS]
+    with_lr = any(r.get("lr") is not None for r in results)
+    cols = ["preset", "density", "p", *(["lr"] if with_lr else []), "seed", *FINAL_METRICS]
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
@@ -258,18 +334,146 @@ def write_tables(results: Sequence[dict[str, Any]], out: Path, baseline: str | N
             return f"{value:.3f}"
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    header = ["preset", "δ", "p", "seed", keys.VAL_ACC, keys.VAL_LOSS, "rounds", "uplink", "downlink", "global density"]
+    header = ["preset", "δ", "p", *(["γ"] if with_lr else []), "seed", keys.VAL_ACC, keys.VAL_LOSS, "rounds", "uplink",
+              "downlink", "global density"]
     deltas = _delta_vs(results, baseline) if baseline is not None else None
+    at = 6 if with_lr else 5
     if deltas is not None:
-        header.insert(5, f"Δ vs {baseline}")
+        header.insert(at, f"Δ vs {baseline}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(results):
         cells = [fmt(k, r.get(k)) for k in cols]
         if deltas is not None:
-            cells.insert(5, "" if deltas[i] is None else f"{deltas[i]:+.1f} pts")
+            cells.insert(at, "" if deltas[i] is None else f"{deltas[i]:+.1f} pts")
         lines.append("| " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
     (out / "results.md").write_text(md)
+    return md
+
+
+Cell = tuple[str, float | None, float]
+
+
+def choose_lr(grid: Grid, results: Sequence[dict[str, Any]]) -> dict[Cell, float]:
+    """The step size of every (preset, δ, p) whose tuning runs finished: the γ with the best mean of
+    ``grid.tune.metric`` over the tuning seeds (and over the tuning p, with ``tune.p``, whose choice then serves
+    every p of that preset and δ). A γ whose runs lack the metric (e.g. diverged) is not chosen; ties go to the
+    smaller γ."""
+    assert grid.tune is not None
+    per_p = grid.tune.p is None
+
+    def key(cell: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(cell) if per_p else tuple(cell[:2])
+
+    scores: dict[tuple[Any, ...], dict[float, list[float]]] = {}
+    for r in results:
+        value = r.get(grid.tune.metric)
+        if r.get("lr") is None or value is None or value != value:  # NaN
+            continue
+        scores.setdefault(key((r["preset"], r["density"], r["p"])), {}).setdefault(r["lr"], []).append(value)
+    sign = 1.0 if grid.tune.mode == "max" else -1.0
+    best = {k: max(sorted(by_lr), key=lambda lr: sign * sum(by_lr[lr]) / len(by_lr[lr])) for k, by_lr in scores.items()}
+    return {cell: best[key(cell)] for cell in grid._cells() if key(cell) in best}
+
+
+def write_tuning(grid: Grid, results: Sequence[dict[str, Any]], chosen: dict[Cell, float], out: Path) -> str:
+    """``tuning.md``: per (preset, δ, p) the tuning metric at every γ tried (mean over the tuning seeds), the
+    chosen one in bold."""
+    assert grid.tune is not None
+    metric = grid.tune.metric
+    lrs = sorted({r["lr"] for r in results if r.get("lr") is not None})
+    where = "" if grid.tune.p is None else f" at p = {', '.join(f'{v:g}' for v in grid.tune.p)}, for every p"
+    seeds = list(grid.tune.seeds)
+    lines = [f"Step size γ chosen by `{metric}` ({grid.tune.mode}, mean over seeds {seeds}{where}).", "",
+             "| preset | δ | p | " + " | ".join(f"γ = {lr:g}" for lr in lrs) + " | chosen γ |",
+             "|" + "---|" * (4 + len(lrs))]
+    for cell in grid._cells():
+        if grid.tune.p is not None and cell[2] not in grid.tune.p:
+            continue
+        by_lr: dict[float, list[float]] = {}
+        for r in results:
+            if (r["preset"], r["density"], r["p"]) == cell and r.get(metric) is not None:
+                by_lr.setdefault(r["lr"], []).append(r[metric])
+        values = []
+        for lr in lrs:
+            text = f"{sum(by_lr[lr]) / len(by_lr[lr]):.4g}" if lr in by_lr else "—"
+            values.append(f"**{text}**" if chosen.get(cell) == lr else text)
+        preset, density, p = cell
+        pick = f"{chosen[cell]:g}" if cell in chosen else "—"
+        lines.append(f"| `{preset}` | {'—' if density is None else f'{density:g}'} | {p:g} | " + " | ".join(values)
+                     + f" | {pick} |")
+    md = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuning.md").write_text(md)
+    return md
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var ** 0.5
+
+
+def summarize(results: Sequence[dict[str, Any]], baseline: str | None = None) -> list[dict[str, Any]]:
+    """One row per (preset, δ, p, γ), in the order of ``results``: the number of seeds and mean / sample std of
+    every final metric (``<metric>_mean``, ``<metric>_std``), and with ``baseline`` the accuracy difference to
+    the baseline preset at the same p, paired by seed (``delta_mean``, ``delta_std``, in points)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["preset"], r["density"], r["p"], r.get("lr")), []).append(r)
+    reference = {(r["p"], r["seed"]): r.get(keys.VAL_ACC) for r in results if r["preset"] == baseline}
+    rows = []
+    for (preset, density, p, lr), members in groups.items():
+        row: dict[str, Any] = {"preset": preset, "density": density, "p": p, "lr": lr, "seeds": len(members)}
+        for key in FINAL_METRICS + EXTRA_METRICS:
+            values = [m[key] for m in members if m.get(key) is not None]
+            if values:
+                row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(values)
+        if baseline is not None and preset != baseline:
+            deltas = [100 * (m[keys.VAL_ACC] - reference[(p, m["seed"])]) for m in members
+                      if m.get(keys.VAL_ACC) is not None and reference.get((p, m["seed"])) is not None]
+            if deltas:
+                row["delta_mean"], row["delta_std"] = _mean_std(deltas)
+        rows.append(row)
+    return rows
+
+
+def write_summary(results: Sequence[dict[str, Any]], out: Path, baseline: str | None = None) -> str:
+    """``summary.csv`` and ``summary.md`` (mean ± std over seeds, see :func:`summarize`); returns the Markdown."""
+    rows = summarize(results, baseline)
+    out.mkdir(parents=True, exist_ok=True)
+    first = ("preset", "density", "p", "lr", "seeds")
+    fields = [*first, *sorted({k for row in rows for k in row} - set(first))]
+    with (out / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    classification = any(f"{keys.VAL_ACC}_mean" in row for row in rows)
+    header = ["preset", "δ", "p", "γ", "seeds", *([keys.VAL_ACC] if classification else []),
+              *([f"Δ vs {baseline}"] if baseline and classification else []), keys.VAL_LOSS, "rounds", "uplink",
+              "downlink", "global density"]
+
+    def pm(row: dict[str, Any], key: str, digits: int) -> str:
+        if f"{key}_mean" not in row:
+            return ""
+        return f"{row[f'{key}_mean']:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"`{row['preset']}`", "—" if row["density"] is None else f"{row['density']:g}", f"{row['p']:g}",
+                 "" if row["lr"] is None else f"{row['lr']:g}", str(row["seeds"])]
+        if classification:
+            cells.append(pm(row, keys.VAL_ACC, 3))
+            if baseline:
+                cells.append(f"{row['delta_mean']:+.1f} ± {row['delta_std']:.1f} pts" if "delta_mean" in row else "")
+        cells.append(pm(row, keys.VAL_LOSS, 4 if not classification else 3))
+        cells.append(f"{row[f'{keys.ROUNDS}_mean']:.0f}" if f"{keys.ROUNDS}_mean" in row else "")
+        for key in (keys.BITS_UP, keys.BITS_DOWN):
+            cells.append(_bytes(row[f"{key}_mean"]) if f"{key}_mean" in row else "")
+        cells.append(f"{row[f'{keys.DENSITY}_mean']:.3f}" if f"{keys.DENSITY}_mean" in row else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(md)
     return md
 
 
@@ -309,11 +513,23 @@ def main(argv: Sequence[str] | None = None) -> str:
     runs = grid.runs()
     if args.dry_run:
         text = "\n".join(" ".join(command(grid, r)) for r in runs)
+        if grid.tune is not None:
+            text = "# tuning runs (the other seeds follow at the chosen step sizes)\n" + text
         print(text)
         return text
     results, failures = run_grid(grid, runs, args.jobs, log=print)
+    if grid.tune is not None:
+        chosen = choose_lr(grid, results)
+        print(write_tuning(grid, results, chosen, Path(grid.out)))
+        tuned = {r["name"]: r for r in results}
+        runs = grid.runs(chosen)
+        pending = [r for r in runs if r.name not in tuned]
+        more, more_failures = run_grid(grid, pending, args.jobs, log=print)
+        done = tuned | {r["name"]: r for r in more}
+        results, failures = [done[r.name] for r in runs if r.name in done], failures + more_failures
     md = write_tables(results, Path(grid.out), baseline=grid.baseline)
     print(md)
+    print(write_summary(results, Path(grid.out), baseline=grid.baseline))
     if failures:
         raise SystemExit(f"{len(failures)} of {len(runs)} runs failed (the table lists the others):\n"
                          + "\n".join(failures))

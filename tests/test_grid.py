@@ -160,7 +160,11 @@ def test_every_shipped_grid_gives_runs_the_cli_accepts(path: Path, monkeypatch: 
     for run in grid.runs():
         cli = FederatedCLI(args=command(grid, run)[3:], run=False)  # after "python train.py fit"
         algorithm = cli.model.algorithm.describe()
-        assert algorithm["name"] == run.preset and algorithm["p"] == pytest.approx(run.p)
+        assert algorithm["name"] == run.preset
+        if "p" in algorithm:  # FedAvg has no p: k = 1/p local steps instead
+            assert algorithm["p"] == pytest.approx(run.p)
+        else:
+            assert algorithm["local_steps"] == round(1 / run.p)
         assert algorithm.get("density") == run.density
     if path.stem == "fashion_mnist_wide":  # the grid's own overrides reach the model and the trainer
         assert sum(p.numel() for p in cli.model.global_model.parameters()) == 784 * 256 + 256 + 256 * 10 + 10
@@ -194,3 +198,118 @@ def test_a_grid_run_whose_config_does_not_parse_fails_alone(tmp_path: Path) -> N
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(SystemExit, match=r"(?s)1 of 1 runs failed.*proxskip-p0.25-s0: its config does not parse"):
         main([str(path)])
+
+
+def _tuned_grid(tmp_path: Path, **extra: object) -> Path:
+    spec = {"configs": ["x.yaml"], "presets": ["proxskip", "sparse_proxskip"], "density": [0.1], "p": [0.5, 0.1],
+            "seed": [0, 1, 2], "lr": [0.05, 0.2], "tune": {"metric": "val/client_acc_mean", "seeds": [0]},
+            "baseline": "proxskip", "out": str(tmp_path / "out"), **extra}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_tuned_grid_runs_every_step_size_on_the_tuning_seed_then_the_other_seeds_at_the_chosen_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+
+    def fake_execute(grid: Grid, run: Run, log: object = None, digest: str | None = None) -> dict:
+        ran.append(run.name)
+        # the held-out accuracy prefers γ = 0.2 for proxskip and γ = 0.05 for sparse_proxskip; the test accuracy
+        # (val/acc) prefers the opposite, so a selection by the test set would show
+        good = (run.lr == 0.2) == (run.preset == "proxskip")
+        return {"name": run.name, "preset": run.preset, "density": run.density, "p": run.p, "seed": run.seed,
+                "lr": run.lr, "val/acc": 0.5 if good else 0.9, "val/client_acc_mean": 0.8 if good else 0.7,
+                "val/loss": 1.0 + run.seed, "comm/rounds": 10.0, "comm/bits_up": 8e6, "comm/bits_down": 8e6,
+                "sparsity/density": 1.0}
+
+    monkeypatch.setattr(grid_module, "execute", fake_execute)
+    monkeypatch.setattr(grid_module, "config_digest", lambda grid, run: run.name)
+    path = _tuned_grid(tmp_path)
+    assert [r.name for r in Grid.load(path).runs()][:2] == ["proxskip-p0.5-lr0.05-s0", "proxskip-p0.5-lr0.2-s0"]
+    main([str(path), "--jobs", "2"])
+    assert len(ran) == 2 * 2 * 2 + 2 * 2 * 2 and len(set(ran)) == len(ran), "8 tuning runs, then 2 seeds × 4 cells"
+    assert "proxskip-p0.1-lr0.2-s2" in ran and "proxskip-p0.1-lr0.05-s1" not in ran
+    assert "sparse_proxskip-d0.1-p0.5-lr0.05-s1" in ran and "sparse_proxskip-d0.1-p0.5-lr0.2-s1" not in ran
+    out = tmp_path / "out"
+    tuning = (out / "tuning.md").read_text()
+    assert "| `proxskip` | — | 0.5 | 0.7 | **0.8** | 0.2 |" in tuning
+    assert "| `sparse_proxskip` | 0.1 | 0.1 | **0.8** | 0.7 | 0.05 |" in tuning
+    rows = (out / "results.md").read_text().strip().splitlines()[2:]
+    assert len(rows) == 12 and rows[0].startswith("| `proxskip` | — | 0.5 | 0.2 | 0 | 0.500 |")
+    summary = (out / "summary.md").read_text().strip().splitlines()
+    assert summary[0].startswith("| preset | δ | p | γ | seeds | val/acc | Δ vs proxskip | val/loss | rounds |")
+    assert summary[2] == ("| `proxskip` | — | 0.5 | 0.2 | 3 | 0.500 ± 0.000 |  | 2.000 ± 1.000 | 10 | 1.0 MB | "
+                          "1.0 MB | 1.000 |")
+    assert "| `sparse_proxskip` | 0.1 | 0.5 | 0.05 | 3 | 0.500 ± 0.000 | +0.0 ± 0.0 pts |" in summary[4]
+
+
+def test_summary_gives_mean_and_sample_std_over_seeds_and_the_paired_difference_to_the_baseline() -> None:
+    def result(preset: str, seed: int, acc: float) -> dict:
+        return {"preset": preset, "density": None if preset == "proxskip" else 0.1, "p": 0.1, "seed": seed,
+                "val/acc": acc, "comm/rounds": 200.0}
+
+    rows = grid_module.summarize([result("proxskip", 0, 0.80), result("proxskip", 1, 0.84),
+                                  result("server_pruning", 0, 0.78), result("server_pruning", 1, 0.80)],
+                                 baseline="proxskip")
+    dense, server = rows
+    assert dense["seeds"] == 2 and dense["val/acc_mean"] == pytest.approx(0.82)
+    assert dense["val/acc_std"] == pytest.approx(0.04 / 2 ** 0.5)  # sample std (n - 1)
+    assert server["delta_mean"] == pytest.approx(-3.0) and server["delta_std"] == pytest.approx(2 / 2 ** 0.5)
+
+
+def test_tune_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tune needs the step sizes to choose from in lr"):
+        Grid.load(_tuned_grid(tmp_path, lr=None))
+    with pytest.raises(ValueError, match=r"tune seeds \[5\] must be among seed \[0, 1, 2\]"):
+        Grid.load(_tuned_grid(tmp_path, tune={"seeds": [5]}))
+    with pytest.raises(ValueError, match="tune mode must be 'max' or 'min'"):
+        Grid.load(_tuned_grid(tmp_path, tune={"mode": "best"}))
+    with pytest.raises(ValueError, match="lr must list step sizes > 0"):
+        Grid.load(_tuned_grid(tmp_path, lr=[0.1, -1]))
+
+
+def test_a_step_size_axis_names_runs_and_sets_the_lr(tmp_path: Path) -> None:
+    grid = Grid.load(_tuned_grid(tmp_path, tune=None))
+    runs = grid.runs()
+    assert len(runs) == 2 * 2 * 3 * 2 and runs[1].name == "proxskip-p0.5-lr0.2-s0"
+    cmd = command(grid, runs[1])
+    assert cmd[cmd.index("--model.lr") + 1] == "0.2"
+    assert "--model.lr" not in command(grid, Run("proxskip", None, 0.5, 0))  # no lr axis: the configs' lr
+
+
+def test_rerunning_a_grid_cell_with_the_same_seed_gives_the_same_numbers(tmp_path: Path) -> None:
+    """Reproducibility of the study: one cell run twice from scratch (two output folders) logs identical metrics."""
+    finals = []
+    for name in ("first", "second"):
+        path = _grid(tmp_path)
+        spec = yaml.safe_load(path.read_text())
+        spec.update(presets=["sparse_proxskip"], density=[0.2], seed=[3], out=str(tmp_path / name))
+        path.write_text(yaml.safe_dump(spec))
+        main([str(path)])
+        run_dir = tmp_path / name / "runs" / "sparse_proxskip-d0.2-p0.25-s3"
+        finals.append((json.loads((run_dir / "final.json").read_text()), (run_dir / "metrics.csv").read_text()))
+    (first, first_csv), (second, second_csv) = finals
+    assert first.pop("config_sha256") == second.pop("config_sha256")
+    assert first == second and first["val/acc"] is not None
+    assert first_csv == second_csv, "every logged value, not only the last ones"
+
+
+def test_a_grid_tuned_at_one_p_uses_the_chosen_step_size_at_every_p(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_execute(grid: Grid, run: Run, log: object = None, digest: str | None = None) -> dict:
+        assert run.seed == 0 or run.lr == 0.05, "only γ = 0.05 runs after tuning"
+        return {"name": run.name, "preset": run.preset, "density": run.density, "p": run.p, "seed": run.seed,
+                "lr": run.lr, "val/acc": 0.5, "val/client_acc_mean": 0.9 if run.lr == 0.05 else 0.1}
+
+    monkeypatch.setattr(grid_module, "execute", fake_execute)
+    monkeypatch.setattr(grid_module, "config_digest", lambda grid, run: run.name)
+    path = _tuned_grid(tmp_path, tune={"seeds": [0], "p": [0.1]})
+    grid = Grid.load(path)
+    assert {r.p for r in grid.runs()} == {0.1} and len(grid.runs()) == 4
+    main([str(path)])
+    rows = (tmp_path / "out" / "results.md").read_text().strip().splitlines()[2:]
+    assert len(rows) == 2 * 2 * 3 and all("| 0.05 |" in row for row in rows)
+    assert "at p = 0.1, for every p" in (tmp_path / "out" / "tuning.md").read_text()
+    with pytest.raises(ValueError, match=r"tune p \[0.3\] must be among p"):
+        Grid.load(_tuned_grid(tmp_path, tune={"p": [0.3]}))

@@ -47,7 +47,16 @@ from fl_lightning.data.partition import partition
 
 
 def test_every_loader_is_registered() -> None:
-    assert {"mnist", "fashion_mnist", "cifar10", "femnist", "blogfeedback", "libsvm", "digits"} <= set(DATASETS.names())
+    assert {"mnist", "fashion_mnist", "cifar10", "femnist", "blogfeedback", "libsvm", "digits",
+            "diabetes"} <= set(DATASETS.names())
+
+
+def test_diabetes_is_an_offline_regression_set_standardised_on_its_training_split() -> None:
+    splits = load_dataset("diabetes")
+    assert splits.task == "regression" and splits.num_classes is None
+    assert splits.train_x.shape == (353, 10) and splits.test_x.shape == (89, 10)
+    assert splits.train_x.mean(0).abs().max() < 1e-5 and (splits.train_x.std(0, unbiased=False) - 1).abs().max() < 1e-4
+    assert abs(float(splits.train_y.mean())) < 1e-5 and splits.train_y.dtype == torch.float32
 
 
 # ============================================================================================ download helpers
