@@ -140,11 +140,7 @@ def plot_vs_bits(rows: Sequence[dict[str, Any]], out: str | Path, title: str | N
         ax.set_xlabel("uplink bits (all clients, cumulative)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(f"{y} (mean over seeds)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), frameon=False)
-    if title:
-        fig.suptitle(title)
-    _save(fig, out)
+    _finish(fig, axes[0], title, out)
     return fig
 
 
@@ -164,12 +160,17 @@ def plot_cv(rows: Sequence[dict[str, Any]], out: str | Path, title: str | None =
         ax.set_xlabel("communication rounds")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("‖Σ_i w_i h_i‖ (cv/sum_norm)")
-    handles, labels = axes[0].get_legend_handles_labels()
+    _finish(fig, axes[0], title, out)
+    return fig
+
+
+def _finish(fig: Figure, ax: Any, title: str | None, out: str | Path) -> None:
+    """The legend of ``ax``'s lines below the panels, the title, and the file."""
+    handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), frameon=False)
     if title:
         fig.suptitle(title)
     _save(fig, out)
-    return fig
 
 
 def _save(fig: Figure, out: str | Path) -> None:
