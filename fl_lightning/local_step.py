@@ -12,8 +12,8 @@ parameters after the callbacks' ``transform_params`` (e.g. TopK through a straig
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -21,13 +21,35 @@ from torch import Tensor, nn
 
 from fl_lightning.clients import ClientState, TensorGroup
 from fl_lightning.cohort import Cohort
-from fl_lightning.objective import ClientBatch, LocalObjective
+from fl_lightning.objective import ClientBatch, Compiled, LocalObjective
 from fl_lightning.round import Tensors
 
 Vectorize = bool | Literal["auto"]
 Transform = Callable[[Tensors], Tensors]
 Backward = Callable[[Tensor], None]
 Logged = dict[str, Tensor]
+CompileStep = bool | Mapping[str, Any]
+#: the keyword arguments of ``torch.compile`` that ``compile_step`` may set
+COMPILE_KEYS = ("backend", "mode", "fullgraph", "dynamic", "options")
+
+
+def compile_options(value: CompileStep | None) -> dict[str, Any] | None:
+    """``compile_step`` as ``torch.compile``'s keyword arguments: ``False``/``None`` → ``None`` (eager), ``True`` →
+    ``{}`` (its defaults: the inductor backend), a mapping → those arguments (checked against :data:`COMPILE_KEYS`).
+
+    Raises:
+        ValueError: for another value or an unknown key, naming the accepted ones.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(COMPILE_KEYS))
+        if unknown:
+            raise ValueError(f"compile_step takes torch.compile's {list(COMPILE_KEYS)}, got unknown {unknown}")
+        return dict(value)
+    raise ValueError(f"compile_step must be true, false or a dict of torch.compile arguments, got {value!r}")
 
 
 class LocalStep:
@@ -38,11 +60,17 @@ class LocalStep:
         vectorize: ``True``, ``False`` or ``"auto"`` (vectorise when the model allows it; the first step of a
             process proves it, falling back to the loop on failure).
         clients_per_chunk: at most this many clients per forward/backward (``None``: all at once).
+        compile_step: ``torch.compile`` the vectorised forward + loss (and so, through AOTAutograd, its backward)
+            with these arguments (:func:`compile_options`); the sequential loop and a LightningModule client's
+            ``training_step`` (whose ``self.log`` values cannot leave a traced graph) stay eager. The compiled step
+            computes the eager numbers to floating-point rounding (fused kernels may round differently).
     """
 
     def __init__(self, objective: LocalObjective, vectorize: Vectorize = "auto",
-                 clients_per_chunk: int | None = None) -> None:
+                 clients_per_chunk: int | None = None, compile_step: CompileStep | None = None) -> None:
         self.objective = objective
+        options = compile_options(compile_step)
+        self.compiled = None if options is None else Compiled(options)
         self.vectorize = vectorize
         self.clients_per_chunk = clients_per_chunk
         self.vectorized: bool | None = None  # the chosen path, once known
@@ -132,7 +160,7 @@ class LocalStep:
             params = transform(stacked)
             buffers = self._slice(clients.model_buffers, cohort, s, e)
             sub = ClientBatch(batch.inputs[s:e], batch.targets[s:e], None if batch.mask is None else batch.mask[s:e])
-            loss, logged = self.objective.vectorized(params, buffers, sub)
+            loss, logged = self.objective.vectorized(params, buffers, sub, self.compiled)
             backward(loss.sum())
             if len(chunks) > 1:
                 rows = slice(s, e) if cohort.rows is None else cohort.rows[s:e]
@@ -143,7 +171,7 @@ class LocalStep:
 
     def _sequential(self, clients: ClientState, cohort: Cohort, batch: ClientBatch, transform: Transform,
                     backward: Backward) -> tuple[Tensor, Logged]:
-        rows = cohort.rows.tolist() if cohort.rows is not None else range(clients.num_clients)
+        rows = cohort.rows.tolist() if cohort.rows is not None else range(len(cohort))
         losses, logs = [], []
         for j, cid in enumerate(rows):
             leaves = {k: p[cid : cid + 1].detach().requires_grad_() for k, p in clients.x.items()}
@@ -187,4 +215,4 @@ class HeldRows:
                 for value in self.optimizer.state.get(x, {}).values():
                     if isinstance(value, Tensor) and value.shape == x.shape and id(value) not in held:
                         value[self.rows] = 0
-__all__ = ["HeldRows", "LocalStep", "Vectorize"]
+__all__ = ["COMPILE_KEYS", "CompileStep", "HeldRows", "LocalStep", "Vectorize", "compile_options"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -32,7 +32,7 @@ from fl_lightning.cohort import Cohort, make_cohort
 from fl_lightning.comm import CommCounter, Encoding
 from fl_lightning.evaluation import GlobalEvaluation, as_model_input, warn_if_untrained
 from fl_lightning.hparams import check_module_args, given_init_config, to_plain
-from fl_lightning.local_step import HeldRows, LocalStep, Vectorize
+from fl_lightning.local_step import CompileStep, HeldRows, LocalStep, Vectorize
 from fl_lightning.loggers import log_client_histograms
 from fl_lightning.losses import LossCallable, resolve_loss
 from fl_lightning.objective import LocalObjective
@@ -47,6 +47,7 @@ from fl_lightning.optim import (
 from fl_lightning.personal import personal_names
 from fl_lightning.round import Tensors, communicate
 from fl_lightning.step_metrics import StepMetrics
+from fl_lightning.workspace import CohortWorkspace, workspace_blocker
 
 if TYPE_CHECKING:
     from fl_lightning.algorithms import Algorithm
@@ -88,6 +89,13 @@ class FederatedLightningModule(LightningModule):
             every client's model after this many local SGD steps from the global model on its own data
             (``val/personal_acc_*``; :mod:`fl_lightning.client_evaluation`). The global model's per-client
             metrics (``val/client_acc_*``) are logged whenever the datamodule has client test splits.
+        cohort_workspace: with client sampling, run each local step on a copy of the cohort's rows only
+            (:mod:`fl_lightning.workspace`; the same numbers, bit for bit, at a cost ∝ the cohort, not n).
+            ``"auto"`` (default) does so whenever it is exact (plain SGD, no per-client state), ``True``
+            refuses to train otherwise (saying why), ``False`` trains the cohort in place in the ``[n, ...]`` stack.
+        compile_step: ``torch.compile`` the vectorised local step's forward + loss and its backward: ``True``
+            (torch's defaults: inductor) or ``{"backend": ..., "mode": ..., "dynamic": ...}``; the same numbers as
+            eager to floating-point rounding, on any accelerator (``docs/performance.md`` for when it pays off).
 
     Hyper-parameters are saved as plain Python values: the preset as ``{"class_path", "init_args"}``
     (:meth:`~fl_lightning.algorithms.Algorithm.spec`), and the client model's config when LightningCLI built
@@ -100,13 +108,16 @@ class FederatedLightningModule(LightningModule):
                  algorithm: Algorithm | None = None, momentum: float = 0.0, weight_decay: float = 0.0,
                  encoding: Encoding = "auto", eval_every: int | None = None, num_clients: int | None = None,
                  optimizer: OptimizerSpec | None = None, check_finite: bool = True,
-                 personal_params: list[str] | None = None, personalize_steps: int = 0) -> None:
+                 personal_params: list[str] | None = None, personalize_steps: int = 0,
+                 cohort_workspace: bool | Literal["auto"] = "auto", compile_step: CompileStep = False) -> None:
         super().__init__()
         if not isinstance(client_model, nn.Module):
             raise TypeError(f"client_model must be an nn.Module, got {type(client_model).__name__}")
         lr, momentum, weight_decay = to_plain(lr), to_plain(momentum), to_plain(weight_decay)  # NumPy scalars too
         check_module_args(lr=lr, momentum=momentum, weight_decay=weight_decay, vectorize=vectorize,
                           clients_per_chunk=clients_per_chunk, eval_every=eval_every, encoding=encoding)
+        if cohort_workspace not in (True, False, "auto"):
+            raise ValueError(f"cohort_workspace must be true, false or 'auto', got {cohort_workspace!r}")
         algorithm = resolve_algorithm(algorithm)  # also a preset name or a spec dict (a checkpoint's)
         self.save_hyperparameters(ignore=["client_model", "loss", "algorithm"])
         # a second call merges into hparams *and* hparams_initial (what the loggers write), all plain values
@@ -132,7 +143,7 @@ class FederatedLightningModule(LightningModule):
         self._client_optimizer = client_optimizer_spec(self.global_model)  # a client's unusable one fails here
         self.loss_fn = resolve_loss(loss)
         self.objective = LocalObjective(self.global_model, self.loss_fn)
-        self.local_step = LocalStep(self.objective, vectorize, clients_per_chunk)
+        self.local_step = LocalStep(self.objective, vectorize, clients_per_chunk, to_plain(compile_step))
         self.evaluation = GlobalEvaluation(self.global_model, self.objective, self.loss_fn)
         self.personal_names = personal_names(self.global_model, personal_params)
         self.client_evaluation = ClientEvaluation(self.objective, self.loss_fn, personalize_steps, clients_per_chunk)
@@ -151,6 +162,9 @@ class FederatedLightningModule(LightningModule):
         self._cohort: Cohort | None = None  # made from the two above, once per round
         self._round_open = False
         self._round_step = 0  # local steps taken in the open round
+        self.cohort_workspace = cohort_workspace
+        self._workspace: CohortWorkspace | None = None  # open during a local step of a cohort of some clients
+        self._workspace_blocker: str | None = None  # why it cannot be used in this fit ("" = it can), once known
         self._checkpoint_lr: float | None = None  # the lr of the checkpoint being resumed from
         self._finite: Tensor | None = None  # device flag: every loss since the last check was finite
         self.round_metrics: dict[str, Tensor] = {}
@@ -245,7 +259,10 @@ class FederatedLightningModule(LightningModule):
 
     @property
     def cohort(self) -> Cohort:
-        """This round's participants on this process (:class:`~fl_lightning.cohort.Cohort`)."""
+        """This round's participants on this process (:class:`~fl_lightning.cohort.Cohort`); during a local step
+        on the cohort's workspace, the workspace's (its rows are all the stacked rows then)."""
+        if self._workspace is not None:
+            return self._workspace.cohort
         if self._cohort is None:
             self.ensure_clients()
             self._cohort = make_cohort(self.round_index, self.client_ids.tolist(), self.client_weights, self._members,
@@ -295,6 +312,7 @@ class FederatedLightningModule(LightningModule):
         self.round_metrics = {k: v.to(self.device) for k, v in self.round_metrics.items()}
         self._step_metrics.reset()  # agreed again at this fit's first logging step
         self._finite = None
+        self._workspace_blocker = None
         # fit(ckpt_path=...) restores the optimizer state, lr included, after configure_optimizers used this
         # module's lr: a module built with another lr than the checkpoint's means "resume with this lr" (the
         # way out of a divergence: lower lr, resume from the last good checkpoint)
@@ -345,6 +363,34 @@ class FederatedLightningModule(LightningModule):
                                  dtype=next(iter(clients.x.values())).dtype)
         opt = self.optimizers()
         opt.zero_grad()
+        self._workspace = self._open_workspace(cohort, clients, opt.optimizer)
+        try:
+            return self._local_step(dm, self.cohort, clients, client_batch, opt)
+        finally:
+            if self._workspace is not None:  # no round in this step: the cohort's rows go back into the stack
+                self._workspace.close()
+                self._workspace = None
+
+    def _open_workspace(self, cohort: Cohort, clients: ClientState, optimizer: torch.optim.Optimizer
+                        ) -> CohortWorkspace | None:
+        """The cohort's workspace for this step (:mod:`fl_lightning.workspace`), or None (everyone trains, or
+        ``cohort_workspace`` is off, or it would not be exact)."""
+        if self.cohort_workspace is False or cohort.rows is None or len(cohort) == 0:
+            return None
+        if len(cohort) == next(iter(clients.x.values())).shape[0]:
+            return None  # all of this process's rows (several processes, full participation)
+        if self._workspace_blocker is None:
+            self._workspace_blocker = workspace_blocker(self, optimizer) or ""
+        if self._workspace_blocker:
+            if self.cohort_workspace is True:
+                raise ValueError(f"cohort_workspace=True cannot be exact here: {self._workspace_blocker}. "
+                                 "Use cohort_workspace: auto (or false) to train the cohort in place")
+            return None
+        return CohortWorkspace(clients, cohort)
+
+    def _local_step(self, dm: FederatedDataModule, cohort: Cohort, clients: ClientState, client_batch: Any,
+                    opt: Any) -> Tensor:
+        """The step itself, on ``clients`` (the cohort's workspace when one is open) and ``cohort``."""
         if self.local_step.vectorized is None:
             self.local_step.choose_path(self.global_model, dm.padded)
         losses, client_logs = self.local_step(clients, cohort, client_batch, self._transformed, self.manual_backward)
@@ -378,6 +424,9 @@ class FederatedLightningModule(LightningModule):
     def _communicate(self, cohort: Cohort) -> None:
         """The communication round (:func:`~fl_lightning.round.communicate`), then its metrics."""
         rnd = communicate(self, cohort, self._round_step)
+        if self._workspace is not None:  # every row receives the broadcast before anyone looks at the clients
+            self._workspace.close(rnd.received)
+            self._workspace = None
         self.round_index += 1
         self._round_open = False
         for cb in self.federated_callbacks:

@@ -95,6 +95,20 @@ class _TrainingStepCall(nn.Module):
         return self.module.training_step(batch, batch_idx)
 
 
+class Compiled:
+    """``torch.compile``\ d versions of the functions a caller runs, one per key, compiled on first use with
+    ``options`` (``torch.compile``'s keyword arguments)."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.options = dict(options)
+        self._fns: dict[Any, Callable[..., Any]] = {}
+
+    def wrap(self, key: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if key not in self._fns:
+            self._fns[key] = torch.compile(fn, **self.options)
+        return self._fns[key]
+
+
 class LocalObjective:
     """f_i for a client template: ``forward`` + ``loss``, or a LightningModule's ``training_step``."""
 
@@ -133,16 +147,23 @@ class LocalObjective:
         output = functional_call(self.template, (dict(params), dict(buffers)), (x,))
         return self.loss(output, y, mask), {}
 
-    def vectorized(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                   batch: ClientBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Losses [c] (and logged values [c] each) for all clients of the batch in one vmapped call."""
+    def _stacked_losses(self, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor,
+                        mask: Tensor | None) -> Tensor:
+        assert self.loss is not None and self._stacked is not None
+        return stacked_losses(self.loss, self._stacked(params, inputs), targets, mask)
+
+    def vectorized(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: ClientBatch,
+                   compiled: Compiled | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Losses [c] (and logged values [c] each) for all clients of the batch in one vmapped call (the
+        computation ``torch.compile``\ d when ``compiled`` is given)."""
         if batch.mask is not None and not self.supports_padding:
             raise RuntimeError("padded batches need a built-in loss; use the sequential path")
+        # a LightningModule's training_step stays eager: its self.log values escape the traced graph
+        wrap = (lambda key, f: f) if compiled is None or self.uses_training_step else compiled.wrap
         if self._stacked is not None and not buffers and self._stacked.accepts(batch.inputs):
-            assert self.loss is not None
-            return stacked_losses(self.loss, self._stacked(params, batch.inputs), batch.targets, batch.mask), {}
+            return wrap("stacked", self._stacked_losses)(params, batch.inputs, batch.targets, batch.mask), {}
         in_dims = (0, 0, 0, 0, None if batch.mask is None else 0)
-        fn = vmap(self._call, in_dims=in_dims, randomness="different")
+        fn = wrap(("vmap", in_dims), vmap(self._call, in_dims=in_dims, randomness="different"))
         self.recorder.pop()
         with FeatureMajorLinear(), self.recording():  # contiguous nn.Linear weight gradients (no copy)
             return fn(dict(params), dict(buffers), batch.inputs, batch.targets, batch.mask)
