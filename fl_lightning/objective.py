@@ -96,7 +96,7 @@ class _TrainingStepCall(nn.Module):
 
 
 class Compiled:
-    """``torch.compile``\ d versions of the functions a caller runs, one per key, compiled on first use with
+    """Versions of the functions a caller runs compiled with ``torch.compile``, one per key, on first use with
     ``options`` (``torch.compile``'s keyword arguments)."""
 
     def __init__(self, options: Mapping[str, Any]) -> None:
@@ -155,7 +155,7 @@ class LocalObjective:
     def vectorized(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: ClientBatch,
                    compiled: Compiled | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Losses [c] (and logged values [c] each) for all clients of the batch in one vmapped call (the
-        computation ``torch.compile``\ d when ``compiled`` is given)."""
+        computation compiled with ``torch.compile`` when ``compiled`` is given)."""
         if batch.mask is not None and not self.supports_padding:
             raise RuntimeError("padded batches need a built-in loss; use the sequential path")
         # a LightningModule's training_step stays eager: its self.log values escape the traced graph

@@ -53,7 +53,7 @@ def _assert_same_run(a: FederatedLightningModule, b: FederatedLightningModule) -
     # float32: 12 steps of γ = 0.2 on O(1) weights; fused kernels reorder sums, ~1e-7 relative per op
     for (k, x), (_, y) in zip(a.global_model.state_dict().items(), b.global_model.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
-    for k in a.clients.x.keys():
+    for k in a.clients.x:
         torch.testing.assert_close(a.clients.x[k], b.clients.x[k], rtol=1e-5, atol=1e-6)
 
 
@@ -94,7 +94,8 @@ def test_compile_options(value: Any, expected: Any) -> None:
     assert compile_options(value) == expected
 
 
-@pytest.mark.parametrize(("value", "match"), [({"backnd": "inductor"}, r"unknown \['backnd'\]"), ("yes", "true, false")])
+@pytest.mark.parametrize(("value", "match"), [({"backnd": "inductor"}, r"unknown \['backnd'\]"),
+                                             ("yes", "true, false")])
 def test_invalid_compile_step_is_refused_when_the_module_is_built(value: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         FederatedLightningModule(_mlp(), lr=0.1, loss="cross_entropy", compile_step=value)

@@ -87,7 +87,7 @@ def test_the_workspace_gives_the_in_place_run_bit_for_bit(case: str) -> None:
     assert ws_losses == ref_losses
     for (k, a), (_, b) in zip(ws.global_model.state_dict().items(), ref.global_model.state_dict().items()):
         assert torch.equal(a, b), k
-    for k in ref.clients.x.keys():
+    for k in ref.clients.x:
         assert ws.clients.x[k].shape == ref.clients.x[k].shape  # the [n, ...] stack is back after every step
         assert torch.equal(ws.clients.x[k], ref.clients.x[k]), k
     assert ws.comm.bits_up == ref.comm.bits_up and ws.comm.bits_down == ref.comm.bits_down
