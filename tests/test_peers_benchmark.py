@@ -82,3 +82,33 @@ def test_install_peer_reports_a_failing_pip(runner, tmp_path, monkeypatch) -> No
     monkeypatch.setattr(runner, "_run", fake_run)
     python, reason = runner.install_peer("pfl", tmp_path)
     assert python is None and "pip install pfl failed" in reason and "No matching distribution" in reason
+
+
+def test_roofline_counts_the_workloads_flops_and_bytes(runner) -> None:
+    import roofline
+
+    cost = roofline.step_cost(runner.WORKLOADS["lr100"])
+    # 100 clients × (784 + 1) × 62 weights, 100 × 32 × 784 inputs, fp32
+    weights, batch = 100 * 785 * 62, 100 * 32 * 784
+    assert cost["flops"] == 4 * 100 * 32 * 784 * 62
+    assert cost["bytes_fused"] == 4 * (3 * weights + 2 * batch)
+    assert cost["bytes_unfused"] == 4 * (5 * weights + 2 * batch)
+    peaks = {"peak_flops": 1e11, "bytes_per_s": {str(2**20): 4e10, str(2**26): 1e10}, "peak_bytes_per_s": 1e10}
+    seconds, bound = roofline.roofline_s(cost, peaks)
+    assert bound == "memory" and seconds == pytest.approx(cost["bytes_fused"] / 1e10)  # the 64 MiB bucket
+
+
+def test_roofline_fraction_of_a_measured_rate(runner, monkeypatch) -> None:
+    import bench_clients
+    import roofline
+
+    peaks = {"peak_flops": 1e11, "bytes_per_s": {str(2**26): 1e10}, "peak_bytes_per_s": 1e10}
+    monkeypatch.setattr(bench_clients, "measure_peaks", lambda threads, device: peaks)
+    results = {"rows": [{"workload": "lr100", "framework": "fl_lightning", "ok": True, "client_steps_per_s": 5000.0},
+                        {"workload": "lr100", "framework": "pfl", "ok": False}]}
+    out = roofline.analyse(results, floors=False)
+    wl = out["workloads"]["lr100"]
+    (row,) = wl["rows"]  # the failed peer has no row
+    assert row["step_ms"] == pytest.approx(20.0)  # 100 clients at 5,000 client-steps/s
+    assert row["roofline_fraction"] == pytest.approx(wl["roofline_ms"] / 20.0)
+    assert "| lr100 | fl_lightning | 20.00 | 5,000 |" in roofline.markdown(out)
