@@ -104,6 +104,7 @@ class Config:
     algorithm: str = "proxskip"
     topk_method: str | None = None  # sparse_proxskip: TopKPruning(topk_method=...); None = its default
     density: float = 0.1
+    compile_step: bool = False  # FederatedLightningModule(compile_step=True): torch.compile of the local step
 
 
 # ----------------------------------------------------------------------------------------- cost model
@@ -312,7 +313,7 @@ def _run_framework(cfg: Config, warmup: int, timed: int, sync: Any) -> tuple[flo
 
     timer = StepTimer()
     module = FederatedLightningModule(build_model(cfg.model), lr=cfg.lr, loss="cross_entropy",
-                                      vectorize=not sequential)
+                                      vectorize=not sequential, compile_step=cfg.compile_step and not sequential)
     trainer = L.Trainer(
         max_steps=warmup + timed, accelerator="gpu" if cfg.device.startswith("cuda") else "cpu", devices=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -428,6 +429,8 @@ def markdown_table(rows: list[dict[str, Any]], peaks: dict[str, Any]) -> str:
         path = f"{r['path']} {r['algorithm']}" if "algorithm" in r else r["path"]
         if r.get("topk_method"):
             path += f" (topk_method={r['topk_method']})"
+        if r.get("compile_step"):
+            path += " (compile_step)"
         lines.append(
             f"| {SPECS[r['model']].label} | {r['clients']} | {path} | {_fmt(ms, 2)} | "
             f"{_fmt(r['clients'] / r['step_s'], 0)} | {_fmt(r.get('vs_hand'), 2)} | "
@@ -465,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algorithms", default="proxskip",
                         help=f"comma list of {ALGORITHMS}; sparse_proxskip rows get their ratio to proxskip")
     parser.add_argument("--density", type=float, default=0.1, help="TopK density of sparse_proxskip")
+    parser.add_argument("--compile", default="off", help="comma list of off,on: the vectorised path with "
+                        "compile_step=True too (torch.compile; the first round, not timed, compiles)")
     parser.add_argument("--topk-methods", default=None,
                         help="comma list of TopKPruning topk_method values (reference, auto, fast) for the "
                              "sparse_proxskip rows, one row each; default: the callback's default")
@@ -503,12 +508,16 @@ def main(argv: list[str] | None = None) -> None:
     for t in methods:
         if t not in (None, "reference", "auto", "fast"):
             parser.error(f"unknown topk method {t!r}; choose from reference, auto, fast")
+    if set(args.compile.split(",")) - {"off", "on"}:
+        parser.error(f"--compile takes a comma list of off, on; got {args.compile!r}")
+    compiles = [c == "on" for c in args.compile.split(",") if c]
     configs = [Config(m, n, p, batch_size=args.batch_size, samples_per_client=args.samples_per_client, k=args.k,
                       rounds=args.rounds, threads=args.threads, device=device, seq_budget=args.seq_budget,
                       framework=framework, algorithm=a, density=args.density,
-                      topk_method=t if a == "sparse_proxskip" else None)
+                      topk_method=t if a == "sparse_proxskip" else None, compile_step=comp)
                for m in models for n in clients for a in algorithms
-               for t in (methods if a == "sparse_proxskip" else [None]) for p in paths]
+               for t in (methods if a == "sparse_proxskip" else [None]) for p in paths
+               for comp in compiles if not (comp and p != "vectorized")]
     samples: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(configs))}
     skipped = {i: _skip_reason(c, cuda, args.mem_limit_gb, peaks) for i, c in enumerate(configs)}
     for rep in range(args.repeats):  # interleaved, so slow phases of a shared machine hit every config
@@ -520,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
             status = f"{1e3 * res['step_s']:.2f} ms/step" if res["ok"] else res["error"]
             what = cfg.path if cfg.algorithm == "proxskip" else f"{cfg.path} {cfg.algorithm}"
             what += f" topk_method={cfg.topk_method}" if cfg.topk_method else ""
+            what += " compile_step" if cfg.compile_step else ""
             print(f"# [{rep + 1}/{args.repeats}] {cfg.model} n={cfg.clients} {what}: {status}", file=sys.stderr)
 
     rows = []
@@ -529,6 +539,8 @@ def main(argv: list[str] | None = None) -> None:
             row.update(algorithm=cfg.algorithm, density=cfg.density)
             if cfg.topk_method is not None:
                 row["topk_method"] = cfg.topk_method
+        if cfg.compile_step:
+            row["compile_step"] = True
         if skipped[i]:
             rows.append({**row, "skipped": skipped[i]})
             continue
