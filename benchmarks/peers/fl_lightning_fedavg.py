@@ -1,10 +1,12 @@
 """The peers benchmark's FedAvg workload in fl-lightning (see ``workload.py``), as a user would write it.
 
     python benchmarks/peers/fl_lightning_fedavg.py --workload lr100 --rounds 5 --threads 1
+    python benchmarks/peers/fl_lightning_fedavg.py --workload flute1000 --rounds 20 --in-place   # without the workspace
 
 ``FederatedLightningModule`` (vectorised clients) + ``algorithms.fedavg(local_steps=10)`` (with
 ``cohort_size=10`` for the 10-of-1,000 workload) + ``FederatedDataModule.from_client_tensors``, one
-``Trainer.fit`` of ``rounds × 10`` local steps. Prints one ``RESULT {json}`` line.
+``Trainer.fit`` of ``rounds × 10`` local steps. Prints one ``RESULT {json}`` line. ``--in-place`` trains a sampled
+cohort in the ``[n, ...]`` stack (``cohort_workspace=False``) instead of on its workspace, the default.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class _Clock(L.Callback):
         self.end = time.perf_counter()
 
 
-def run(w: Workload, rounds: int) -> dict[str, Any]:
+def run(w: Workload, rounds: int, cohort_workspace: bool | str = "auto") -> dict[str, Any]:
     """Train ``rounds`` FedAvg rounds of workload ``w``; print and return the result line."""
     quiet_irrelevant_warnings()
     x, y, x_eval, y_eval = make_data(w)
@@ -54,7 +56,8 @@ def run(w: Workload, rounds: int) -> dict[str, Any]:
                                                  steps_per_epoch=10**9, seed=0)
     model = init_model(w)
     loss_first = eval_loss(model, x_eval, y_eval)
-    module = FederatedLightningModule(model, lr=w.lr, loss="cross_entropy", vectorize=True)
+    module = FederatedLightningModule(model, lr=w.lr, loss="cross_entropy", vectorize=True,
+                                      cohort_workspace=cohort_workspace)
     cohort = None if w.clients_per_round == w.clients else w.clients_per_round
     clock = _Clock()
     trainer = L.Trainer(max_steps=rounds * w.local_steps, accelerator="cpu", devices=1, logger=False,
@@ -66,9 +69,11 @@ def run(w: Workload, rounds: int) -> dict[str, Any]:
     loss_last = eval_loss(module.global_model, x_eval, y_eval)
     return report(w, rounds=int(module.comm.rounds), seconds=clock.end - clock.start, startup_s=clock.start - T0,
                   loss_first=loss_first, loss_last=loss_last, peak_rss_mb=peak_rss_mb(), framework="fl_lightning",
-                  version=fl_lightning.__version__, torch=torch.__version__, local_steps_counted=trainer.global_step)
+                  version=fl_lightning.__version__, torch=torch.__version__, local_steps_counted=trainer.global_step,
+                  cohort_workspace=cohort_workspace)
 
 
 if __name__ == "__main__":
-    workload, n_rounds, _ = parse_args()
-    run(workload, n_rounds)
+    in_place = "--in-place" in sys.argv
+    workload, n_rounds, _ = parse_args([a for a in sys.argv[1:] if a != "--in-place"])
+    run(workload, n_rounds, cohort_workspace=False if in_place else "auto")
