@@ -172,7 +172,10 @@ class StackedForward:
         flattens its input first (an ``nn.Linear`` on [B, T, F] samples maps the last axis only)."""
         return inputs.dim() == 3 or (inputs.dim() > 3 and self.flattens_input)
 
-    def __call__(self, params: Mapping[str, Tensor], inputs: Tensor) -> Tensor:
+    def __call__(self, params: Mapping[str, Tensor], inputs: Tensor,
+                 fused_lr: Callable[[], float] | None = None) -> Tensor:
+        """``fused_lr``: the backward applies SGD with step size ``fused_lr()`` to the weights in place instead of
+        leaving their gradients (:class:`fl_lightning.fused.FusedLinearSGD`)."""
         if not self.accepts(inputs):
             raise ValueError(f"stacked inputs of shape {tuple(inputs.shape)} do not fit this model")
         z = inputs.flatten(2)  # [c, B, F]; a view for contiguous inputs
@@ -185,7 +188,12 @@ class StackedForward:
                     feature_major = True
                 weight = params[op.weight]
                 bias = None if op.bias is None else params[op.bias]
-                z = torch.bmm(weight, z) if bias is None else torch.baddbmm(bias.unsqueeze(-1), weight, z)
+                if fused_lr is not None:
+                    from fl_lightning.fused import FusedLinearSGD
+
+                    z = FusedLinearSGD.apply(z, weight, bias, fused_lr)
+                else:
+                    z = torch.bmm(weight, z) if bias is None else torch.baddbmm(bias.unsqueeze(-1), weight, z)
             elif isinstance(op, _Elementwise):
                 z = op.fn(z)
             elif isinstance(op, _Squeeze):

@@ -95,10 +95,23 @@ class LocalStep:
         self.vectorized = not reasons
         return self.vectorized
 
+    def fuses(self, cohort: Cohort) -> bool:
+        """Whether a step of ``cohort`` can run the fused SGD update (:mod:`fl_lightning.fused`) as far as the path
+        goes: vectorised on the stacked rows themselves (all rows take part) in one chunk."""
+        return (self.vectorized is True and cohort.rows is None and len(cohort) > 0
+                and (self.clients_per_chunk is None or self.clients_per_chunk >= len(cohort)))
+
     def __call__(self, clients: ClientState, cohort: Cohort, batch: ClientBatch, transform: Transform,
-                 backward: Backward) -> tuple[Tensor, Logged]:
+                 backward: Backward, fused_lr: Callable[[], float] | None = None) -> tuple[Tensor, Logged]:
         """Losses ``[c]`` (and the client model's logged values, ``[c]`` each) of the cohort's rows; their
-        gradients accumulate into ``x.grad`` of ``clients`` (zeros for the rows outside the cohort)."""
+        gradients accumulate into ``x.grad`` of ``clients`` (zeros for the rows outside the cohort). With
+        ``fused_lr`` (only where :meth:`fuses`), the backward applies SGD to ``x`` instead (no gradients)."""
+        if fused_lr is not None:
+            assert self.fuses(cohort), "the fused SGD step runs on all stacked rows in one chunk"
+            params = transform(dict(clients.x.items()))
+            loss, logged = self.objective.vectorized(params, {}, batch, None, fused_lr)
+            backward(loss.sum())
+            return loss.detach(), logged
         if len(batch) == 0:  # none of this process's clients is in the cohort
             for p in clients.x.values():  # zero gradients, as the idle rows get on one process:
                 p.grad = torch.zeros_like(p)  # momentum and weight decay then act the same on any number of ranks

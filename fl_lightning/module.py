@@ -47,6 +47,7 @@ from fl_lightning.optim import (
 from fl_lightning.personal import personal_names
 from fl_lightning.round import Tensors, communicate
 from fl_lightning.step_metrics import StepMetrics
+from fl_lightning.fused import fused_blocker
 from fl_lightning.workspace import CohortWorkspace, workspace_blocker
 
 if TYPE_CHECKING:
@@ -96,6 +97,10 @@ class FederatedLightningModule(LightningModule):
         compile_step: ``torch.compile`` the vectorised local step's forward + loss and its backward: ``True``
             (torch's defaults: inductor) or ``{"backend": ..., "mode": ..., "dynamic": ...}``; the same numbers as
             eager to floating-point rounding, on any accelerator (``docs/performance.md`` for when it pays off).
+        fused_sgd: where the local step is plain SGD that nothing else needs the gradient of (FedAvg and its
+            server-optimizer variants on fully connected clients), write the weight gradient straight into the
+            update in the backward (:mod:`fl_lightning.fused`; SGD's numbers to floating-point rounding, about
+            two passes over the weights fewer per step). ``False``: always autograd's gradient, then the optimizer.
 
     Hyper-parameters are saved as plain Python values: the preset as ``{"class_path", "init_args"}``
     (:meth:`~fl_lightning.algorithms.Algorithm.spec`), and the client model's config when LightningCLI built
@@ -109,7 +114,8 @@ class FederatedLightningModule(LightningModule):
                  encoding: Encoding = "auto", eval_every: int | None = None, num_clients: int | None = None,
                  optimizer: OptimizerSpec | None = None, check_finite: bool = True,
                  personal_params: list[str] | None = None, personalize_steps: int = 0,
-                 cohort_workspace: bool | Literal["auto"] = "auto", compile_step: CompileStep = False) -> None:
+                 cohort_workspace: bool | Literal["auto"] = "auto", compile_step: CompileStep = False,
+                 fused_sgd: bool = True) -> None:
         super().__init__()
         if not isinstance(client_model, nn.Module):
             raise TypeError(f"client_model must be an nn.Module, got {type(client_model).__name__}")
@@ -118,6 +124,8 @@ class FederatedLightningModule(LightningModule):
                           clients_per_chunk=clients_per_chunk, eval_every=eval_every, encoding=encoding)
         if cohort_workspace not in (True, False, "auto"):
             raise ValueError(f"cohort_workspace must be true, false or 'auto', got {cohort_workspace!r}")
+        if not isinstance(fused_sgd, bool):
+            raise ValueError(f"fused_sgd must be true or false, got {fused_sgd!r}")
         algorithm = resolve_algorithm(algorithm)  # also a preset name or a spec dict (a checkpoint's)
         self.save_hyperparameters(ignore=["client_model", "loss", "algorithm"])
         # a second call merges into hparams *and* hparams_initial (what the loggers write), all plain values
@@ -165,6 +173,8 @@ class FederatedLightningModule(LightningModule):
         self.cohort_workspace = cohort_workspace
         self._workspace: CohortWorkspace | None = None  # open during a local step of a cohort of some clients
         self._workspace_blocker: str | None = None  # why it cannot be used in this fit ("" = it can), once known
+        self.fused_sgd = fused_sgd
+        self._fused_blocker: str | None = None  # likewise for the fused SGD update
         self._checkpoint_lr: float | None = None  # the lr of the checkpoint being resumed from
         self._finite: Tensor | None = None  # device flag: every loss since the last check was finite
         self.round_metrics: dict[str, Tensor] = {}
@@ -313,6 +323,7 @@ class FederatedLightningModule(LightningModule):
         self._step_metrics.reset()  # agreed again at this fit's first logging step
         self._finite = None
         self._workspace_blocker = None
+        self._fused_blocker = None
         # fit(ckpt_path=...) restores the optimizer state, lr included, after configure_optimizers used this
         # module's lr: a module built with another lr than the checkpoint's means "resume with this lr" (the
         # way out of a divergence: lower lr, resume from the last good checkpoint)
@@ -388,13 +399,24 @@ class FederatedLightningModule(LightningModule):
             return None
         return CohortWorkspace(clients, cohort)
 
+    def _fuses(self, cohort: Cohort, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether this step runs the fused SGD update (:mod:`fl_lightning.fused`): ``fused_sgd`` allows it, nothing
+        in this fit needs the gradient (checked once per fit) and the step's path can (:meth:`LocalStep.fuses`)."""
+        if self.fused_sgd is False or not self.local_step.fuses(cohort):
+            return False
+        if self._fused_blocker is None:
+            self._fused_blocker = fused_blocker(self, optimizer) or ""
+        return not self._fused_blocker
+
     def _local_step(self, dm: FederatedDataModule, cohort: Cohort, clients: ClientState, client_batch: Any,
                     opt: Any) -> Tensor:
         """The step itself, on ``clients`` (the cohort's workspace when one is open) and ``cohort``."""
         if self.local_step.vectorized is None:
             self.local_step.choose_path(self.global_model, dm.padded)
-        losses, client_logs = self.local_step(clients, cohort, client_batch, self._transformed, self.manual_backward)
         spent = cohort.held_rows(self._round_step)  # rows whose budget τ_i is used up (None: everyone steps)
+        fused = self.current_lr if spent is None and self._fuses(cohort, opt.optimizer) else None
+        losses, client_logs = self.local_step(clients, cohort, client_batch, self._transformed, self.manual_backward,
+                                              fused)
         held = None if spent is None else HeldRows(clients, opt.optimizer, spent)
         opt.step()
         for cb in self.federated_callbacks:

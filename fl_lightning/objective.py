@@ -19,7 +19,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from fl_lightning.batched import FeatureMajorLinear, compile_stacked, stacked_losses
+from fl_lightning.batched import FeatureMajorLinear, StackedForward, compile_stacked, stacked_losses
 from fl_lightning.losses import Loss
 
 
@@ -147,13 +147,19 @@ class LocalObjective:
         output = functional_call(self.template, (dict(params), dict(buffers)), (x,))
         return self.loss(output, y, mask), {}
 
+    @property
+    def stacked(self) -> StackedForward | None:
+        """The stacked fast path's forward (:mod:`fl_lightning.batched`), or None for models it does not take."""
+        return self._stacked
+
     def _stacked_losses(self, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor,
-                        mask: Tensor | None) -> Tensor:
+                        mask: Tensor | None, fused_lr: Callable[[], float] | None = None) -> Tensor:
         assert self.loss is not None and self._stacked is not None
-        return stacked_losses(self.loss, self._stacked(params, inputs), targets, mask)
+        return stacked_losses(self.loss, self._stacked(params, inputs, fused_lr), targets, mask)
 
     def vectorized(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: ClientBatch,
-                   compiled: Compiled | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                   compiled: Compiled | None = None, fused_lr: Callable[[], float] | None = None
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
         """Losses [c] (and logged values [c] each) for all clients of the batch in one vmapped call (the
         computation compiled with ``torch.compile`` when ``compiled`` is given)."""
         if batch.mask is not None and not self.supports_padding:
@@ -161,6 +167,8 @@ class LocalObjective:
         # a LightningModule's training_step stays eager: its self.log values escape the traced graph
         wrap = (lambda key, f: f) if compiled is None or self.uses_training_step else compiled.wrap
         if self._stacked is not None and not buffers and self._stacked.accepts(batch.inputs):
+            if fused_lr is not None:  # SGD applied in the backward (fl_lightning/fused.py); never compiled
+                return self._stacked_losses(params, batch.inputs, batch.targets, batch.mask, fused_lr), {}
             return wrap("stacked", self._stacked_losses)(params, batch.inputs, batch.targets, batch.mask), {}
         in_dims = (0, 0, 0, 0, None if batch.mask is None else 0)
         fn = wrap(("vmap", in_dims), vmap(self._call, in_dims=in_dims, randomness="different"))
