@@ -31,6 +31,7 @@ from fl_lightning.clients import ClientState, TensorGroup, select_rows
 from fl_lightning.cohort import Cohort, make_cohort
 from fl_lightning.comm import CommCounter, Encoding
 from fl_lightning.evaluation import GlobalEvaluation, as_model_input, warn_if_untrained
+from fl_lightning.fused import fused_blocker
 from fl_lightning.hparams import check_module_args, given_init_config, to_plain
 from fl_lightning.local_step import CompileStep, HeldRows, LocalStep, Vectorize
 from fl_lightning.loggers import log_client_histograms
@@ -47,7 +48,6 @@ from fl_lightning.optim import (
 from fl_lightning.personal import personal_names
 from fl_lightning.round import Tensors, communicate
 from fl_lightning.step_metrics import StepMetrics
-from fl_lightning.fused import fused_blocker
 from fl_lightning.workspace import CohortWorkspace, workspace_blocker
 
 if TYPE_CHECKING:

@@ -35,7 +35,8 @@ def _mlp() -> nn.Module:
 
 
 def _fit(callbacks: Callable[[], list[Any]], fused: bool, model: Callable[[], nn.Module] = _mlp, steps: int = 20,
-         trainer_args: dict[str, Any] | None = None, **module_args: Any) -> tuple[FederatedLightningModule, list[float]]:
+         trainer_args: dict[str, Any] | None = None,
+         **module_args: Any) -> tuple[FederatedLightningModule, list[float]]:
     module = FederatedLightningModule(model(), lr=0.2, loss="cross_entropy", fused_sgd=fused, **module_args)
     losses: list[float] = []
 
