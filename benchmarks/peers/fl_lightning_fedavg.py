@@ -2,11 +2,14 @@
 
     python benchmarks/peers/fl_lightning_fedavg.py --workload lr100 --rounds 5 --threads 1
     python benchmarks/peers/fl_lightning_fedavg.py --workload flute1000 --rounds 20 --in-place   # without the workspace
+    python benchmarks/peers/fl_lightning_fedavg.py --workload lr100 --rounds 20 --no-fused       # autograd's gradient
 
 ``FederatedLightningModule`` (vectorised clients) + ``algorithms.fedavg(local_steps=10)`` (with
 ``cohort_size=10`` for the 10-of-1,000 workload) + ``FederatedDataModule.from_client_tensors``, one
 ``Trainer.fit`` of ``rounds × 10`` local steps. Prints one ``RESULT {json}`` line. ``--in-place`` trains a sampled
-cohort in the ``[n, ...]`` stack (``cohort_workspace=False``) instead of on its workspace, the default.
+cohort in the ``[n, ...]`` stack (``cohort_workspace=False``) instead of on its workspace, the default;
+``--no-fused`` takes autograd's weight gradient and then the optimizer's step (``fused_sgd=False``) instead of the
+fused update, the default.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class _Clock(L.Callback):
         self.end = time.perf_counter()
 
 
-def run(w: Workload, rounds: int, cohort_workspace: bool | str = "auto") -> dict[str, Any]:
+def run(w: Workload, rounds: int, cohort_workspace: bool | str = "auto", fused_sgd: bool = True) -> dict[str, Any]:
     """Train ``rounds`` FedAvg rounds of workload ``w``; print and return the result line."""
     quiet_irrelevant_warnings()
     x, y, x_eval, y_eval = make_data(w)
@@ -57,7 +60,7 @@ def run(w: Workload, rounds: int, cohort_workspace: bool | str = "auto") -> dict
     model = init_model(w)
     loss_first = eval_loss(model, x_eval, y_eval)
     module = FederatedLightningModule(model, lr=w.lr, loss="cross_entropy", vectorize=True,
-                                      cohort_workspace=cohort_workspace)
+                                      cohort_workspace=cohort_workspace, fused_sgd=fused_sgd)
     cohort = None if w.clients_per_round == w.clients else w.clients_per_round
     clock = _Clock()
     trainer = L.Trainer(max_steps=rounds * w.local_steps, accelerator="cpu", devices=1, logger=False,
@@ -70,10 +73,11 @@ def run(w: Workload, rounds: int, cohort_workspace: bool | str = "auto") -> dict
     return report(w, rounds=int(module.comm.rounds), seconds=clock.end - clock.start, startup_s=clock.start - T0,
                   loss_first=loss_first, loss_last=loss_last, peak_rss_mb=peak_rss_mb(), framework="fl_lightning",
                   version=fl_lightning.__version__, torch=torch.__version__, local_steps_counted=trainer.global_step,
-                  cohort_workspace=cohort_workspace)
+                  cohort_workspace=cohort_workspace, fused_sgd=fused_sgd)
 
 
 if __name__ == "__main__":
-    in_place = "--in-place" in sys.argv
-    workload, n_rounds, _ = parse_args([a for a in sys.argv[1:] if a != "--in-place"])
-    run(workload, n_rounds, cohort_workspace=False if in_place else "auto")
+    flags = {"--in-place", "--no-fused"}
+    workload, n_rounds, _ = parse_args([a for a in sys.argv[1:] if a not in flags])
+    run(workload, n_rounds, cohort_workspace=False if "--in-place" in sys.argv else "auto",
+        fused_sgd="--no-fused" not in sys.argv)
