@@ -112,3 +112,14 @@ def test_roofline_fraction_of_a_measured_rate(runner, monkeypatch) -> None:
     assert row["step_ms"] == pytest.approx(20.0)  # 100 clients at 5,000 client-steps/s
     assert row["roofline_fraction"] == pytest.approx(wl["roofline_ms"] / 20.0)
     assert "| lr100 | fl_lightning | 20.00 | 5,000 |" in roofline.markdown(out)
+
+
+def test_ab_compares_the_workspace_and_finds_the_same_run(runner, monkeypatch, tmp_path) -> None:
+    import ab
+
+    monkeypatch.setitem(ab.PAIRS, "flute1000", (2, "--in-place", "cohort workspace"))
+    out = ab.main(["--repeats", "1", "--workloads", "flute1000", "--out", str(tmp_path / "ab.json")])
+    (row,) = out["rows"]
+    assert row["client_steps_per_s_on"] > 0 and row["client_steps_per_s_off"] > 0
+    assert row["same_final_loss_4_digits"]  # the workspace is exact: the same final loss either way
+    assert json.loads((tmp_path / "ab.json").read_text())["rows"][0]["workload"] == "flute1000"
