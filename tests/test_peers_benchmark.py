@@ -114,12 +114,22 @@ def test_roofline_fraction_of_a_measured_rate(runner, monkeypatch) -> None:
     assert "| lr100 | fl_lightning | 20.00 | 5,000 |" in roofline.markdown(out)
 
 
-def test_ab_compares_the_workspace_and_finds_the_same_run(runner, monkeypatch, tmp_path) -> None:
+def test_ab_pairs_interleave_and_report_the_median_speedup(runner, monkeypatch, tmp_path) -> None:
     import ab
 
-    monkeypatch.setitem(ab.PAIRS, "flute1000", (2, "--in-place", "cohort workspace"))
-    out = ab.main(["--repeats", "1", "--workloads", "flute1000", "--out", str(tmp_path / "ab.json")])
+    calls: list[tuple[str, str | None]] = []
+    rates = {None: iter([300.0, 100.0, 200.0]), "--in-place": iter([50.0, 100.0, 75.0])}
+
+    def fake(workload: str, rounds: int, flag: str | None, threads: int) -> dict:
+        calls.append((workload, flag))
+        return {"rate": next(rates[flag]), "loss_first": 2.0, "loss_last": 1.5, "peak_rss_mb": 1.0,
+                "load_average": 0.0}
+
+    monkeypatch.setattr(ab, "measure", fake)
+    out = ab.main(["--repeats", "3", "--workloads", "flute1000", "--out", str(tmp_path / "ab.json")])
+    assert [f for _, f in calls] == [None, "--in-place", "--in-place", None, None, "--in-place"]  # interleaved
     (row,) = out["rows"]
-    assert row["client_steps_per_s_on"] > 0 and row["client_steps_per_s_off"] > 0
-    assert row["same_final_loss_4_digits"]  # the workspace is exact: the same final loss either way
+    assert row["client_steps_per_s_on"] == 200.0 and row["client_steps_per_s_off"] == 75.0  # medians
+    assert row["speedup"] == pytest.approx(200 / 75) and row["same_final_loss_4_digits"]
+    assert "| flute1000 | cohort workspace (`--in-place` turns it off) | 200 | 75 | 2.67× | yes |" in out["table"]
     assert json.loads((tmp_path / "ab.json").read_text())["rows"][0]["workload"] == "flute1000"
