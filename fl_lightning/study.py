@@ -102,7 +102,7 @@ def _y_metric(rows: Sequence[dict[str, Any]]) -> str:
 def plot_vs_p(rows: Sequence[dict[str, Any]], out: str | Path, title: str | None = None) -> Figure:
     """Final ``val/acc`` (or ``val/loss``) against p, mean ± sample std over seeds, per (preset, δ)."""
     y = _y_metric(rows)
-    fig, (ax,) = _figure(1, 6.5, 4.2)
+    fig, (ax,) = _figure(1, 6.5, 5.0)
     styles = _styles(rows)
     for (preset, density), members in _groups(rows).items():
         ps = sorted({m["p"] for m in members})
@@ -120,10 +120,7 @@ def plot_vs_p(rows: Sequence[dict[str, Any]], out: str | Path, title: str | None
     ax.set_xlabel("p (communication probability; k = 1/p local steps per round)")
     ax.set_ylabel(f"final {y} (mean ± std over seeds)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
-    if title:
-        ax.set_title(title, fontsize="medium")
-    _save(fig, out)
+    _finish(fig, ax, title, out)
     return fig
 
 
@@ -186,9 +183,15 @@ def plot_cv(rows: Sequence[dict[str, Any]], out: str | Path, title: str | None =
 
 
 def _finish(fig: Figure, ax: Any, title: str | None, out: str | Path) -> None:
-    """The legend of ``ax``'s lines below the panels, the title, and the file."""
+    """The legend of every panel's lines (``ax``'s first) below the panels, the title, and the file."""
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), frameon=False)
+    for other in fig.axes:
+        for handle, label in zip(*other.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    ncols = min(len(fig.axes) + 1, max(1, len(labels)))
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False, fontsize="small")
     if title:
         fig.suptitle(title)
     _save(fig, out)
