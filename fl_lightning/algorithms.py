@@ -177,6 +177,24 @@ class FedAvg(_Rounds):
         return self._rounds()
 
 
+@register_algorithm("fedavg_topk")
+@dataclass(frozen=True)
+class FedAvgTopK(_Rounds):
+    """FedAvg with TopK at the server (the seed paper's "FedAvg + TopK" baseline): k dense local SGD steps, then
+    x_i ← TopK(Σ_j w_j x̂_j): the average is pruned to ⌈δ·d⌉ weights and broadcast. No control variates, so
+    nothing carries the pruned mass into the next round; the uplink is dense, the downlink sparse. ``density``,
+    ``scope`` and ``params`` as in the TopK presets (:class:`SparseProxSkip`); ``density=1`` is :class:`FedAvg`.
+    Callbacks: SkipSchedule(k, fixed) (+ ClientSampling), TopKPruning(at=server).
+    """
+
+    density: float = 0.1
+    scope: Scope = "global"
+    params: ParamSelection = "weights"
+
+    def callbacks(self) -> list[Callback]:
+        return [*self._rounds(), TopKPruning(self.density, at="server", scope=self.scope, params=self.params)]
+
+
 @register_algorithm("proxskip")
 @dataclass(frozen=True)
 class ProxSkip(Algorithm):
@@ -502,6 +520,7 @@ sparse_proxskip_local = _preset_function(SparseProxSkipLocal)
 server_pruning = _preset_function(ServerPruning)
 server_pruning_modified = _preset_function(ServerPruningModified)
 randprox_l1 = _preset_function(RandProxL1)
+fedavg_topk = _preset_function(FedAvgTopK)
 fedcomloc = _preset_function(FedComLoc)
 fedprox = _preset_function(FedProx)
 scaffold = _preset_function(SCAFFOLD)
@@ -521,6 +540,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedAvgTopK",
     "FedComLoc",
     "FedNova",
     "FedProx",
@@ -536,6 +556,7 @@ __all__ = [
     "fedadagrad",
     "fedadam",
     "fedavg",
+    "fedavg_topk",
     "fedavgm",
     "fedcomloc",
     "fednova",

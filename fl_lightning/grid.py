@@ -16,8 +16,10 @@ metrics is written as Markdown and CSV::
     out: results/fashion_mnist
 
 Optional, for studies: ``lr: [0.05, 0.1, 0.2]`` sweeps the step size γ (``--model.lr``; run names gain
-``-lr<γ>``), and ``tune: {metric: val/client_acc_mean, mode: max, seeds: [0]}`` chooses one γ per (preset, δ, p)
-instead of running them all: every γ runs on the tuning seeds, the γ with the best mean ``metric`` is chosen, and
+``-lr<γ>``), or per preset ``lr: {proxskip: 0.2, sparse_proxskip: [0.05, 0.2]}`` (a γ or a list for every
+preset, e.g. to reuse the step sizes another grid chose), and
+``tune: {metric: val/client_acc_mean, mode: max, seeds: [0]}`` chooses one γ per (preset, δ, p) instead of
+running them all: every γ runs on the tuning seeds, the γ with the best mean ``metric`` is chosen, and
 the other seeds run with that γ only (a tuning run at the chosen γ is that seed's result). Tune on a split held out
 of the *training* data (e.g. ``--data.client_test_fraction 0.1`` in ``args`` and ``val/client_acc_mean``, every
 client's held-out part), never on the test set that ``val/acc`` reports. ``tuning.md`` lists every γ tried.
@@ -107,8 +109,14 @@ class Grid:
     args: list[str] = field(default_factory=list)
     baseline: str | None = None
     out: str = "results/grid"
-    lr: list[float] | None = None
+    lr: list[float] | dict[str, list[float]] | None = None  #: γ for every preset, or per preset
     tune: Tune | None = None
+
+    def lrs(self, preset: str) -> list[float | None]:
+        """The step sizes ``preset`` runs with (``[None]``: the configs' ``model.lr``)."""
+        if self.lr is None:
+            return [None]
+        return list(self.lr[preset] if isinstance(self.lr, dict) else self.lr)
 
     @classmethod
     def load(cls, path: str | Path) -> Grid:
@@ -128,10 +136,16 @@ class Grid:
         if raw.get("baseline") is not None and raw["baseline"] not in raw["presets"]:
             raise ValueError(f"grid file {path}: baseline {raw['baseline']!r} must be one of presets {raw['presets']}")
         if raw.get("lr") is not None:
-            lrs = raw["lr"]
-            if not isinstance(lrs, list) or not lrs or not all(isinstance(v, (int, float)) and v > 0 for v in lrs):
-                raise ValueError(f"grid file {path}: lr must list step sizes > 0, got {lrs!r}")
-            raw["lr"] = [float(v) for v in lrs]
+            per_preset = raw["lr"] if isinstance(raw["lr"], dict) else {preset: raw["lr"] for preset in raw["presets"]}
+            if set(per_preset) != set(raw["presets"]):
+                raise ValueError(f"grid file {path}: an lr mapping must give the step sizes of exactly the presets "
+                                 f"{raw['presets']}, got {sorted(per_preset)}")
+            for preset, lrs in per_preset.items():
+                lrs = [lrs] if isinstance(lrs, (int, float)) and isinstance(raw["lr"], dict) else lrs
+                if not isinstance(lrs, list) or not lrs or not all(isinstance(v, (int, float)) and v > 0 for v in lrs):
+                    raise ValueError(f"grid file {path}: lr must list step sizes > 0, got {raw['lr']!r}")
+                per_preset[preset] = [float(v) for v in lrs]
+            raw["lr"] = per_preset if isinstance(raw["lr"], dict) else per_preset[raw["presets"][0]]
         if raw.get("tune") is not None:
             spec = dict(raw["tune"])
             unknown = set(spec) - {"metric", "mode", "seeds", "p"}
@@ -163,7 +177,7 @@ class Grid:
         """Every run (without ``tune``); with ``tune``, the tuning runs, or with ``chosen`` (γ per cell, see
         :func:`choose_lr`) the runs of every seed at its cell's chosen γ."""
         if self.tune is not None and chosen is None:
-            return [Run(*cell, seed, lr) for cell in self._cells() for lr in self.lr or [None]
+            return [Run(*cell, seed, lr) for cell in self._cells() for lr in self.lrs(cell[0])
                     for seed in self.seed if seed in self.tune.seeds
                     if self.tune.p is None or cell[2] in self.tune.p]
         runs: list[Run] = []
@@ -173,7 +187,7 @@ class Grid:
                     if (preset, density, p) in chosen:
                         runs.append(Run(preset, density, p, seed, chosen[(preset, density, p)]))
                 else:
-                    runs += [Run(preset, density, p, seed, lr) for lr in self.lr or [None]]
+                    runs += [Run(preset, density, p, seed, lr) for lr in self.lrs(preset)]
         return runs
 
 

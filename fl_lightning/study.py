@@ -1,7 +1,8 @@
 """The reproduction study (docs/reproduction.md): its figures and its convex check.
 
-``python -m fl_lightning.study figures GRID_OUT --out PREFIX`` draws, from a finished grid's ``results.csv`` and run
-logs (``python -m fl_lightning.grid``):
+``python -m fl_lightning.study figures GRID_OUT [GRID_OUT ...] --out PREFIX [--p P ...]`` draws, from finished grids'
+``results.csv`` and run logs (``python -m fl_lightning.grid``; several grids' runs together, optionally only at some p),
+one colour per preset and one line style per δ:
 
 - ``PREFIX_vs_p.png``: the final accuracy (``val/acc``; ``val/loss`` for regression) against p, mean ± std over seeds,
   one line per (preset, δ);
@@ -70,6 +71,23 @@ def _groups(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, float | None], li
     return groups
 
 
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _styles(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, float | None], dict[str, Any]]:
+    """One colour and marker per preset, one line style per δ (largest first), so a grid's δ sweep reads as
+    families of lines."""
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    densities = sorted({r["density"] for r in rows if r["density"] is not None}, reverse=True)
+    styles = {}
+    for preset, density in _groups(rows):
+        i = presets.index(preset)
+        j = 0 if density is None else densities.index(density)
+        styles[(preset, density)] = {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)],
+                                     "linestyle": _LINESTYLES[j % len(_LINESTYLES)]}
+    return styles
+
+
 def _figure(ncols: int, width: float = 5.0, height: float = 3.8) -> tuple[Figure, Any]:
     fig = Figure(figsize=(width * ncols, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -84,15 +102,16 @@ def _y_metric(rows: Sequence[dict[str, Any]]) -> str:
 def plot_vs_p(rows: Sequence[dict[str, Any]], out: str | Path, title: str | None = None) -> Figure:
     """Final ``val/acc`` (or ``val/loss``) against p, mean ± sample std over seeds, per (preset, δ)."""
     y = _y_metric(rows)
-    fig, (ax,) = _figure(1, 6.5, 4.2)
-    for i, ((preset, density), members) in enumerate(_groups(rows).items()):
+    fig, (ax,) = _figure(1, 6.5, 5.0)
+    styles = _styles(rows)
+    for (preset, density), members in _groups(rows).items():
         ps = sorted({m["p"] for m in members})
         mean, std = [], []
         for p in ps:
             values = np.array([m[y] for m in members if m["p"] == p and m.get(y) is not None], dtype=float)
             mean.append(values.mean() if len(values) else math.nan)
             std.append(values.std(ddof=1) if len(values) > 1 else 0.0)
-        ax.errorbar(ps, mean, yerr=std, label=_label(preset, density), marker=_MARKERS[i % len(_MARKERS)],
+        ax.errorbar(ps, mean, yerr=std, label=_label(preset, density), **styles[(preset, density)],
                     capsize=3, linewidth=1.2, markersize=4)
     ax.set_xscale("log")
     all_p = sorted({r["p"] for r in rows})
@@ -101,10 +120,7 @@ def plot_vs_p(rows: Sequence[dict[str, Any]], out: str | Path, title: str | None
     ax.set_xlabel("p (communication probability; k = 1/p local steps per round)")
     ax.set_ylabel(f"final {y} (mean ± std over seeds)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
-    if title:
-        ax.set_title(title, fontsize="medium")
-    _save(fig, out)
+    _finish(fig, ax, title, out)
     return fig
 
 
@@ -128,11 +144,12 @@ def plot_vs_bits(rows: Sequence[dict[str, Any]], out: str | Path, title: str | N
     y = _y_metric(rows)
     ps = sorted({r["p"] for r in rows}, reverse=True)
     fig, axes = _figure(len(ps), 4.6, 3.8)
+    styles = _styles(rows)
     for ax, p in zip(axes, ps):
-        for i, ((preset, density), members) in enumerate(_groups([r for r in rows if r["p"] == p]).items()):
+        for (preset, density), members in _groups([r for r in rows if r["p"] == p]).items():
             xs, ys = _mean_curve([m["dir"] for m in members], keys.BITS_UP, y)
             keep = xs > 0
-            ax.plot(xs[keep], ys[keep], label=_label(preset, density), marker=_MARKERS[i % len(_MARKERS)],
+            ax.plot(xs[keep], ys[keep], label=_label(preset, density), **styles[(preset, density)],
                     markersize=3, linewidth=1.2)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bits(v)))
@@ -148,12 +165,13 @@ def plot_cv(rows: Sequence[dict[str, Any]], out: str | Path, title: str | None =
     """``cv/sum_norm`` = ‖Σ_i w_i h_i‖ against communication rounds (log y), one panel per p, mean over seeds."""
     ps = sorted({r["p"] for r in rows}, reverse=True)
     fig, axes = _figure(len(ps), 4.6, 3.8)
+    styles = _styles(rows)
     for ax, p in zip(axes, ps):
-        for i, ((preset, density), members) in enumerate(_groups([r for r in rows if r["p"] == p]).items()):
+        for (preset, density), members in _groups([r for r in rows if r["p"] == p]).items():
             xs, ys = _mean_curve([m["dir"] for m in members], keys.ROUNDS, keys.CV_SUM_NORM)
             keep = ys > 0
             if keep.any():
-                ax.plot(xs[keep], ys[keep], label=_label(preset, density), marker=_MARKERS[i % len(_MARKERS)],
+                ax.plot(xs[keep], ys[keep], label=_label(preset, density), **styles[(preset, density)],
                         markersize=2, linewidth=1.0, markevery=max(1, int(keep.sum()) // 15))
         ax.set_yscale("log")
         ax.set_title(f"p = {p:g}", fontsize="medium")
@@ -165,9 +183,15 @@ def plot_cv(rows: Sequence[dict[str, Any]], out: str | Path, title: str | None =
 
 
 def _finish(fig: Figure, ax: Any, title: str | None, out: str | Path) -> None:
-    """The legend of ``ax``'s lines below the panels, the title, and the file."""
+    """The legend of every panel's lines (``ax``'s first) below the panels, the title, and the file."""
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), frameon=False)
+    for other in fig.axes:
+        for handle, label in zip(*other.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    ncols = min(len(fig.axes) + 1, max(1, len(labels)))
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False, fontsize="small")
     if title:
         fig.suptitle(title)
     _save(fig, out)
@@ -178,11 +202,15 @@ def _save(fig: Figure, out: str | Path) -> None:
     fig.savefig(out, dpi=DPI)
 
 
-def figures(grid_out: str | Path, prefix: str | Path, title: str | None = None) -> list[Path]:
-    """The three figures of a finished grid (see the module docstring); returns the files written."""
-    rows = grid_results(grid_out)
+def figures(grid_out: str | Path | Sequence[str | Path], prefix: str | Path, title: str | None = None,
+            ps: Sequence[float] | None = None) -> list[Path]:
+    """The three figures of a finished grid, or of several together (their runs in one plot, e.g. a δ sweep next
+    to the main grid), only at ``ps`` if given (see the module docstring); returns the files written."""
+    outs = [grid_out] if isinstance(grid_out, (str, Path)) else list(grid_out)
+    rows = [r for out in outs for r in grid_results(out) if ps is None or r["p"] in ps]
     if not rows:
-        raise ValueError(f"{grid_out}/results.csv lists no finished runs")
+        raise ValueError(f"{', '.join(map(str, outs))}: results.csv lists no finished runs"
+                         + ("" if ps is None else f" at p = {list(ps)}"))
     prefix = str(prefix)
     written = [Path(f"{prefix}_vs_p.png"), Path(f"{prefix}_vs_bits.png")]
     plot_vs_p(rows, written[0], title)
@@ -350,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fl_lightning.study", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fig = sub.add_parser("figures", help="the three figures of a finished grid")
-    fig.add_argument("grid_out", help="the grid's out directory (holding results.csv and runs/)")
+    fig.add_argument("grid_out", nargs="+", help="the grid's out directory (holding results.csv and runs/); "
+                     "several: their runs in the same figures")
+    fig.add_argument("--p", type=float, nargs="+", default=None, help="only the runs at these p")
     fig.add_argument("--out", required=True, help="file prefix: PREFIX_vs_p.png, PREFIX_vs_bits.png, PREFIX_cv.png")
     fig.add_argument("--title", default=None)
     ls = sub.add_parser("least-squares", help="the convex check on heterogeneous least squares")
@@ -364,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ls.add_argument("--plot-only", action="store_true", help="redraw from DIR/least_squares.json")
     args = parser.parse_args(argv)
     if args.command == "figures":
-        for path in figures(args.grid_out, args.out, args.title):
+        for path in figures(args.grid_out, args.out, args.title, args.p):
             print(f"wrote {path}")
         return
     if args.plot_only:

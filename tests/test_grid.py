@@ -278,6 +278,23 @@ def test_a_step_size_axis_names_runs_and_sets_the_lr(tmp_path: Path) -> None:
     assert "--model.lr" not in command(grid, Run("proxskip", None, 0.5, 0))  # no lr axis: the configs' lr
 
 
+def test_step_sizes_can_be_given_per_preset(tmp_path: Path) -> None:
+    """``lr: {preset: γ or [γ, ...]}``: each preset runs (or is tuned over) its own step sizes."""
+    grid = Grid.load(_tuned_grid(tmp_path, tune=None, lr={"proxskip": 0.2, "sparse_proxskip": [0.05, 0.1]}))
+    names = [r.name for r in grid.runs()]
+    assert len(names) == 2 * 3 * 1 + 2 * 3 * 2 and "proxskip-p0.5-lr0.2-s0" in names
+    assert not any(n.startswith("proxskip") and "-lr0.2-" not in n for n in names)
+    assert {r.lr for r in grid.runs() if r.preset == "sparse_proxskip"} == {0.05, 0.1}
+    tuned = Grid.load(_tuned_grid(tmp_path, lr={"proxskip": [0.2], "sparse_proxskip": [0.05, 0.2]}))
+    assert sorted(r.name for r in tuned.runs()) == sorted(
+        ["proxskip-p0.5-lr0.2-s0", "proxskip-p0.1-lr0.2-s0", *(f"sparse_proxskip-d0.1-p{p}-lr{lr}-s0"
+                                                              for p in ("0.5", "0.1") for lr in ("0.05", "0.2"))])
+    with pytest.raises(ValueError, match="exactly the presets"):
+        Grid.load(_tuned_grid(tmp_path, lr={"proxskip": 0.2}))
+    with pytest.raises(ValueError, match="lr must list step sizes > 0"):
+        Grid.load(_tuned_grid(tmp_path, lr={"proxskip": 0.2, "sparse_proxskip": [-1]}))
+
+
 def test_rerunning_a_grid_cell_with_the_same_seed_gives_the_same_numbers(tmp_path: Path) -> None:
     """Reproducibility of the study: one cell run twice from scratch (two output folders) logs identical metrics."""
     finals = []

@@ -15,6 +15,7 @@ from fl_lightning import metric_keys as keys
 from fl_lightning.algorithms import (
     FedComLoc,
     fedavg,
+    fedavg_topk,
     fedcomloc,
     proxskip,
     randprox_l1,
@@ -345,6 +346,7 @@ def _describe(callbacks: list) -> dict[str, object]:
     (server_pruning(), {"schedule": "fixed", "r": "broadcast", "uplink": "shifted", "topk": ("server",)}),
     (server_pruning_modified(), {"schedule": "fixed", "r": "mean", "uplink": "shifted", "topk": ("server",)}),
     (randprox_l1(), {"schedule": "bernoulli", "r": "mean", "uplink": "local", "prox": "l1"}),
+    (fedavg_topk(), {"schedule": "fixed", "topk": ("server",)}),
     (fedcomloc(variant="local"), {"schedule": "fixed", "r": "mean", "uplink": "shifted", "topk": ("forward",)}),
     (fedcomloc(variant="local", method="quantize"), {"schedule": "fixed", "r": "mean", "uplink": "shifted",
                                                      "compress": ("forward", "quantize")}),
@@ -352,8 +354,8 @@ def _describe(callbacks: list) -> dict[str, object]:
     (fedcomloc(variant="global", method="quantize"), {"schedule": "fixed", "r": "broadcast", "uplink": "shifted",
                                                       "compress": ("downlink", "quantize")}),
 ], ids=["sparse_proxskip", "sparse_proxskip_local", "sparse_proxskip_local-dense-broadcast", "server_pruning",
-        "server_pruning_modified", "randprox_l1", "fedcomloc-local", "fedcomloc-local-quantize", "fedcomloc-com",
-        "fedcomloc-global-quantize"])
+        "server_pruning_modified", "randprox_l1", "fedavg_topk", "fedcomloc-local", "fedcomloc-local-quantize",
+        "fedcomloc-com", "fedcomloc-global-quantize"])
 def test_presets_are_the_design_table(callbacks, expected) -> None:
     """DESIGN §1.3: the reference r of the control variates and where TopK / the compressor / the prox act."""
     assert _describe(callbacks) == expected
@@ -534,6 +536,20 @@ def test_pruning_without_a_schedule_fails_before_training() -> None:
     clients = sparse_regression(n=2, d=10)
     with pytest.raises(ValueError, match="SkipSchedule"):
         fit_linear(clients, [TopKPruning(0.5)], 5, 0.01)
+
+
+def test_fedavg_topk_broadcasts_the_topk_of_the_average_and_is_fedavg_at_density_one() -> None:
+    clients = sparse_regression(n=5, d=30)
+    gamma = 0.5 / smoothness(clients)
+    log = RoundLog()
+    module = fit_linear(clients, [*fedavg_topk(local_steps=5, density=0.2), log], 100, gamma)
+    assert module.round_index == 20 and log.nnz == [6] * 20  # ⌈0.2·30⌉ non-zeros after every round
+    assert int((module.clients.x["weight"] != 0).sum()) == 5 * 6  # and that is what every client starts from
+    dense = fit_linear(clients, fedavg(local_steps=5), 100, gamma)
+    assert (dense.global_model.weight != 0).sum() == 30  # the dense average is not sparse by itself
+    one = fit_linear(clients, fedavg_topk(local_steps=5, density=1.0), 100, gamma)
+    assert torch.equal(one.global_model.weight, dense.global_model.weight)
+    assert float(one.comm.bits_up) == float(dense.comm.bits_up)
 
 
 def test_two_pruning_callbacks_at_the_same_place_fail_but_different_places_compose() -> None:

@@ -12,10 +12,11 @@ from fl_lightning import study
 from fl_lightning.grid import Run, write_tables
 
 
-def _fake_grid(out: Path) -> None:
+def _fake_grid(out: Path, cells: tuple[tuple[str, float | None], ...] = (("proxskip", None),
+                                                                        ("server_pruning", 0.1))) -> None:
     """A finished grid: results.csv and one CSVLogger-style metrics.csv per run (3 seeds, 2 p, 2 presets)."""
     results = []
-    for preset, density in (("proxskip", None), ("server_pruning", 0.1)):
+    for preset, density in cells:
         for p in (0.2, 0.01):
             for seed in range(3):
                 run = Run(preset, density, p, seed, 0.1)
@@ -50,6 +51,23 @@ def test_figures_of_a_finished_grid_are_accuracy_vs_p_vs_bits_and_the_control_va
     assert len(bars) == 2 and bars[0].lines[0].get_ydata() == pytest.approx([0.71, 0.71])
     cv = study.plot_cv(rows, tmp_path / "cv.png")
     assert cv.axes[0].get_yscale() == "log" and len(cv.axes[0].lines) == 2
+
+
+def test_figures_of_several_grids_draw_their_runs_together_one_colour_per_preset_one_style_per_density(
+        tmp_path: Path) -> None:
+    _fake_grid(tmp_path / "main")
+    _fake_grid(tmp_path / "density", cells=(("server_pruning", 0.5), ("server_pruning", 0.02)))
+    written = study.figures([tmp_path / "main", tmp_path / "density"], tmp_path / "fig" / "both", ps=[0.01])
+    assert [p.name for p in written] == ["both_vs_p.png", "both_vs_bits.png", "both_cv.png"]
+    rows = [r for out in ("main", "density") for r in study.grid_results(tmp_path / out) if r["p"] == 0.01]
+    lines = {line.get_label(): line for line in study.plot_vs_bits(rows, tmp_path / "bits.png").axes[0].lines}
+    assert sorted(lines) == ["proxskip", "server_pruning δ=0.02", "server_pruning δ=0.1", "server_pruning δ=0.5"]
+    server = [lines[f"server_pruning δ={d}"] for d in ("0.5", "0.1", "0.02")]
+    assert len({line.get_color() for line in server}) == 1
+    assert lines["proxskip"].get_color() != server[0].get_color()
+    assert [line.get_linestyle() for line in server] == ["-", "--", ":"]
+    with pytest.raises(ValueError, match="no finished runs at p"):
+        study.figures([tmp_path / "main"], tmp_path / "none", ps=[0.5])
 
 
 def test_least_squares_check_shows_the_pruned_mass_in_the_naive_control_variates_only(tmp_path: Path) -> None:
