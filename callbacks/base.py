@@ -49,6 +49,13 @@ class FederatedCallback(Callback):
         """Return the parameters the forward pass and the gradient use, given the stacked x_i ([c, ...])."""
         return params
 
+    def transforms_forward(self) -> bool:
+        """Whether :meth:`transform_params` may change the parameters in this configuration (default: whenever a
+        subclass overrides it). The fused SGD update (:mod:`fl_lightning.fused`) needs the gradient of the
+        untransformed parameters, so it runs only when no callback says yes; override to say no when a setting
+        makes ``transform_params`` the identity."""
+        return type(self).transform_params is not FederatedCallback.transform_params
+
     def transform_evaluated_params(self, trainer: Trainer | None, module: FederatedLightningModule,
                                    params: Tensors) -> Tensors:
         """Return the parameters the global model is evaluated and its density reported with, given the global

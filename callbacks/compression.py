@@ -122,6 +122,10 @@ class Compression(FederatedCallback):
 
     # ------------------------------------------------------------------ hooks
     @override
+    def transforms_forward(self) -> bool:
+        return self.direction == "forward"
+
+    @override
     def transform_params(self, trainer: Trainer, module: FederatedLightningModule, params: Tensors) -> Tensors:
         if self.direction != "forward":
             return params

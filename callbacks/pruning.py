@@ -170,6 +170,10 @@ class TopKPruning(FederatedCallback):
 
     # ------------------------------------------------------------------ hooks
     @override
+    def transforms_forward(self) -> bool:
+        return "forward" in self.at
+
+    @override
     def transform_params(self, trainer: Trainer, module: FederatedLightningModule, params: Tensors) -> Tensors:
         if "forward" not in self.at:
             return params

@@ -87,11 +87,11 @@ def fused_blocker(module: FederatedLightningModule, optimizer: torch.optim.Optim
     hook = _overrides(module, LightningModule, GRADIENT_HOOKS)
     if hook:
         return f"the module overrides {hook}"
-    for cb in module.trainer.callbacks:
+    for cb in module.trainer.callbacks:  # a server-side TopK (FedAvg + TopK) leaves the local step alone
         hook = _overrides(cb, Callback, GRADIENT_HOOKS)
         if hook:
             return f"{type(cb).__name__} uses {hook}"
-        if isinstance(cb, FederatedCallback) and _overrides(cb, FederatedCallback, ("transform_params",)):
+        if isinstance(cb, FederatedCallback) and cb.transforms_forward():
             return f"{type(cb).__name__} transforms the parameters of the forward pass"
     return None
 

@@ -152,3 +152,11 @@ def test_fused_linear_without_bias_and_without_input_gradient() -> None:
     out.sum().backward()
     torch.testing.assert_close(w.detach(), w0 - 0.5 * torch.ones(2, 3, 5) @ z.transpose(1, 2))
     assert w.grad is None
+
+
+def test_a_server_side_topk_keeps_the_local_step_fused() -> None:
+    """FedAvg + TopK prunes the server's average (TopKPruning at "round"): the local step is plain SGD, fused."""
+    from fl_lightning.algorithms import fedavg_topk
+
+    module, _ = _fit(lambda: fedavg_topk(local_steps=4, density=0.5), True, steps=8)
+    assert module._fused_blocker == ""
