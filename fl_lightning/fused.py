@@ -77,7 +77,7 @@ def fused_blocker(module: FederatedLightningModule, optimizer: torch.optim.Optim
     for group in optimizer.param_groups:
         if group.get("momentum", 0) or group.get("weight_decay", 0) or group.get("nesterov") or group.get("maximize"):
             return "SGD with momentum or weight decay needs the gradient"
-    if module.local_step.vectorized is not True or module.objective.stacked is None:
+    if module.objective.stacked is None:  # (the vectorised path itself is LocalStep.fuses's per-step check)
         return "the client model is not on the stacked fast path (fully connected layers only)"
     if module.local_step.compiled is not None:
         return "compile_step traces the plain step"

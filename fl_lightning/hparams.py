@@ -72,7 +72,8 @@ def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> No
 
 
 def check_module_args(*, lr: object, momentum: object, weight_decay: object, vectorize: object,
-                      clients_per_chunk: int | None, eval_every: int | None, encoding: object) -> None:
+                      clients_per_chunk: int | None, eval_every: int | None, encoding: object,
+                      cohort_workspace: object = "auto", fused_sgd: object = True) -> None:
     """Validate ``FederatedLightningModule``'s scalar arguments, saying what to change."""
     from fl_lightning.comm import ENCODINGS
 
@@ -88,3 +89,7 @@ def check_module_args(*, lr: object, momentum: object, weight_decay: object, vec
         raise ValueError(f"eval_every must be >= 1 rounds (or null), got {eval_every!r}")
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    if cohort_workspace not in (True, False, "auto"):
+        raise ValueError(f"cohort_workspace must be true, false or 'auto', got {cohort_workspace!r}")
+    if not isinstance(fused_sgd, bool):
+        raise ValueError(f"fused_sgd must be true or false, got {fused_sgd!r}")

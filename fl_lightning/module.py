@@ -121,11 +121,8 @@ class FederatedLightningModule(LightningModule):
             raise TypeError(f"client_model must be an nn.Module, got {type(client_model).__name__}")
         lr, momentum, weight_decay = to_plain(lr), to_plain(momentum), to_plain(weight_decay)  # NumPy scalars too
         check_module_args(lr=lr, momentum=momentum, weight_decay=weight_decay, vectorize=vectorize,
-                          clients_per_chunk=clients_per_chunk, eval_every=eval_every, encoding=encoding)
-        if cohort_workspace not in (True, False, "auto"):
-            raise ValueError(f"cohort_workspace must be true, false or 'auto', got {cohort_workspace!r}")
-        if not isinstance(fused_sgd, bool):
-            raise ValueError(f"fused_sgd must be true or false, got {fused_sgd!r}")
+                          clients_per_chunk=clients_per_chunk, eval_every=eval_every, encoding=encoding,
+                          cohort_workspace=cohort_workspace, fused_sgd=fused_sgd)
         algorithm = resolve_algorithm(algorithm)  # also a preset name or a spec dict (a checkpoint's)
         self.save_hyperparameters(ignore=["client_model", "loss", "algorithm"])
         # a second call merges into hparams *and* hparams_initial (what the loggers write), all plain values
